@@ -1,0 +1,238 @@
+"""The `dlwatchd` command: the only place that parses arguments, configures logging and sets exit codes.
+
+Exit codes: 0 success; 1 the job failed, was rejected or cancelled; 2 bad usage or invalid input;
+3 the daemon could not start; 4 a wait timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from dlwatchd import __version__
+from dlwatchd.errors import DlwatchdError
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_START, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+
+
+def _add_spool(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spool", type=Path, help="spool folder (default: $DLWATCHD_SPOOL or the user data dir)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dlwatchd",
+        description="Deep-learning pixel classification for QuPath, served through a spool folder.",
+    )
+    parser.add_argument("--version", action="version", version=f"dlwatchd {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeatable)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the daemon in the foreground")
+    _add_spool(run)
+    run.add_argument("--config", type=Path, help="TOML config file ($DLWATCHD_CONFIG)")
+    run.add_argument("--daemon-id", help="this daemon's id (default: <short hostname>-1)")
+    run.add_argument("--read-root", action="append", type=Path, dest="read_roots", help="extra folder requests may read (repeatable)")
+    run.add_argument("--write-root", action="append", type=Path, dest="write_roots", help="extra folder outputs may go to (repeatable)")
+    run.add_argument("--watch", choices=["native", "polling"], help="filesystem events, or polling for network shares")
+    run.add_argument("--rescan-interval", type=float, help="seconds between full rescans (default 2)")
+
+    submit = commands.add_parser("submit", help="publish a request file into the spool")
+    _add_spool(submit)
+    submit.add_argument("file", type=Path, help="request JSON file ('-' for standard input)")
+    submit.add_argument("--id", dest="job_id", help="job id (default: a new UUID)")
+    submit.add_argument("--wait", action="store_true", help="follow the job and exit non-zero unless it succeeds")
+    submit.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+
+    status = commands.add_parser("status", help="show a job's status.json")
+    _add_spool(status)
+    status.add_argument("job_id")
+    status.add_argument("--follow", action="store_true", help="print every new version until the job ends")
+    status.add_argument("--timeout", type=float, help="with --follow: give up after this many seconds")
+
+    for name, text in (
+        ("cancel", "cancel a job"),
+        ("pause", "pause a training at the end of its epoch"),
+        ("resume", "resume a paused training"),
+        ("finish", "stop a training after this epoch and publish its best model"),
+    ):
+        marker = commands.add_parser(name, help=text)
+        _add_spool(marker)
+        marker.add_argument("job_id")
+
+    listing = commands.add_parser("list", help="list jobs by state")
+    _add_spool(listing)
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+
+    schema = commands.add_parser("schema", help="print the JSON Schema of a request kind, status or health")
+    schema.add_argument("kind", nargs="?", help="a request kind, 'status' or 'health' (default: every request)")
+
+    validate = commands.add_parser("validate", help="check a request file offline, as the daemon would")
+    validate.add_argument("file", type=Path)
+    return parser
+
+
+def configure_logging(verbosity: int) -> None:
+    level = logging.WARNING - 10 * verbosity if verbosity else logging.INFO
+    logging.basicConfig(level=max(logging.DEBUG, level), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _spool(args: argparse.Namespace) -> Path:
+    from dlwatchd.settings import load_settings
+
+    return load_settings(overrides={"spool": args.spool}).spool
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dlwatchd.settings import load_settings
+    from dlwatchd.supervisor.daemon import Supervisor
+
+    overrides = {
+        "spool": args.spool,
+        "daemon_id": args.daemon_id,
+        "read_roots": args.read_roots,
+        "write_roots": args.write_roots,
+        "watch": args.watch,
+        "rescan_interval": args.rescan_interval,
+    }
+    try:
+        settings = load_settings(config_file=args.config, overrides=overrides)
+        return Supervisor(settings).run()
+    except DlwatchdError as error:
+        print(f"dlwatchd: cannot start: {error.message}", file=sys.stderr)
+        if error.hint:
+            print(f"hint: {error.hint}", file=sys.stderr)
+        return EXIT_START
+
+
+def _print_status_line(status: Any) -> None:
+    progress = status.progress or {}
+    fraction = progress.get("fraction")
+    extra = f" {100 * fraction:5.1f}%" if isinstance(fraction, (int, float)) else ""
+    print(f"[seq {status.seq}] {status.job_id} {status.state.value}{extra}", flush=True)
+
+
+def _follow(client: Any, job_id: str, timeout: float | None) -> int:
+    from dlwatchd.client import format_error
+
+    try:
+        final = client.wait(job_id, timeout=timeout, on_update=_print_status_line)
+    except TimeoutError as exc:
+        print(f"dlwatchd: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    if final.state.value == "succeeded":
+        print(json.dumps(final.result, indent=2))
+        return EXIT_OK
+    if final.state.value == "paused":
+        return EXIT_OK
+    print(format_error(final), file=sys.stderr)
+    return EXIT_JOB_FAILED
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from dlwatchd.client import SpoolClient
+
+    data = sys.stdin.buffer.read() if str(args.file) == "-" else args.file.read_bytes()
+    client = SpoolClient(_spool(args))
+    job_id = client.submit(data, job_id=args.job_id)
+    print(job_id, flush=True)
+    return _follow(client, job_id, args.timeout) if args.wait else EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dlwatchd.client import SpoolClient
+
+    client = SpoolClient(_spool(args))
+    if args.follow:
+        return _follow(client, args.job_id, args.timeout)
+    status = client.status(args.job_id)
+    if status is None:
+        where = client.where(args.job_id)
+        state = "waiting for pickup" if where is None and (client.layout.incoming / f"{args.job_id}.json").exists() else "unknown"
+        print(f"dlwatchd: job {args.job_id}: no status yet ({state})", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(status.model_dump(mode="json"), indent=2))
+    return EXIT_OK
+
+
+def cmd_marker(args: argparse.Namespace) -> int:
+    from dlwatchd.client import SpoolClient
+
+    client = SpoolClient(_spool(args))
+    getattr(client, args.command)(args.job_id)
+    status = client.status(args.job_id)
+    print(f"{args.command} requested for {args.job_id} (now {status.state.value if status else 'unknown'})")
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from dlwatchd.client import SpoolClient
+
+    jobs = SpoolClient(_spool(args)).list_jobs()
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+        return EXIT_OK
+    for where, ids in jobs.items():
+        for job_id in ids:
+            print(f"{where:10} {job_id}")
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from dlwatchd.protocol.schema import schema_for
+
+    print(json.dumps(schema_for(args.kind), indent=2))
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from dlwatchd.jobs._registry import build_registry
+    from dlwatchd.protocol.decode import decode_request
+    from dlwatchd.protocol.status import ErrorInfo
+
+    registry = build_registry()
+    try:
+        decoded = decode_request(args.file.read_bytes(), registry)
+        registry.require_available(decoded.kind)
+    except DlwatchdError as error:
+        print(json.dumps(ErrorInfo.from_error(error).model_dump(mode="json", exclude_none=True), indent=2))
+        return EXIT_USAGE
+    print(f"valid '{decoded.kind}' request")
+    return EXIT_OK
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "submit": cmd_submit,
+    "status": cmd_status,
+    "cancel": cmd_marker,
+    "pause": cmd_marker,
+    "resume": cmd_marker,
+    "finish": cmd_marker,
+    "list": cmd_list,
+    "schema": cmd_schema,
+    "validate": cmd_validate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    configure_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except DlwatchdError as error:
+        print(f"dlwatchd: {error.code.value}: {error.message}", file=sys.stderr)
+        if error.hint:
+            print(f"hint: {error.hint}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as exc:
+        print(f"dlwatchd: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return EXIT_USAGE

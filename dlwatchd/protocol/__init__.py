@@ -1,0 +1,1 @@
+"""Pydantic models of the spool protocol: requests, status and their JSON schemas."""

@@ -1,0 +1,1 @@
+"""The spool directory: layout, atomic writes, intake, claims, control markers, recovery, retention."""

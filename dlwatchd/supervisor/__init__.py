@@ -1,0 +1,1 @@
+"""The supervisor process: watcher, intake, queue, claims, lanes of worker processes, heartbeat."""

@@ -1,0 +1,451 @@
+"""The supervisor's main loop: watch, intake, queue, dispatch to lanes, control markers, heartbeat.
+
+Single-threaded: the watcher thread only queues hints and rings a wakeup socket; signal handlers only
+set flags. Every decision happens here, in `step`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+from dlwatchd import __version__
+from dlwatchd.errors import ErrorCode
+from dlwatchd.jobs._registry import LANES, KindRegistry, build_registry
+from dlwatchd.protocol.status import DaemonCounters, DaemonHealth, JobState, utc_now
+from dlwatchd.settings import Settings
+from dlwatchd.spool import control, retention
+from dlwatchd.spool.claims import claim_queued, commit_terminal, own_claims, queued_ids
+from dlwatchd.spool.intake import Intake, IntakeReport
+from dlwatchd.spool.joblog import append_job_log
+from dlwatchd.spool.layout import SpoolLayout, short_hostname
+from dlwatchd.spool.recovery import reconcile, take_over
+from dlwatchd.spool.status_file import StatusFile, read_status
+from dlwatchd.supervisor.gpu_clear import GpuClear
+from dlwatchd.supervisor.heartbeat import PeerWatch, write_heartbeat
+from dlwatchd.supervisor.lanes import Lane, RunningJob
+from dlwatchd.watch.hints import HintWatcher, Wakeup
+
+logger = logging.getLogger("dlwatchd.supervisor")
+
+
+class Supervisor:
+    """One daemon on one spool. Build it in the CLI, then call `run()`; it returns the exit status."""
+
+    def __init__(self, settings: Settings, registry: KindRegistry | None = None) -> None:
+        self.settings = settings
+        self.me = settings.daemon_id
+        self.layout = SpoolLayout(settings.spool)
+        self.registry = registry or build_registry(settings.plugins)
+        self.wakeup = Wakeup()
+        self.watcher = HintWatcher(settings.spool, settings.watch, self.wakeup)
+        log_level = logging.getLogger().getEffectiveLevel()
+        self.lanes = {name: Lane(name, settings.plugins, settings.warm_workers, log_level) for name in LANES}
+        self.intake = Intake(self.layout, self.registry, self.me, settings.max_request_bytes)
+        self.peers = PeerWatch(self.layout, self.me, settings.dead_after)
+        self.counters = DaemonCounters()
+        self.state = "starting"
+        self.reason: str | None = None
+        self.queue: list[str] = []
+        self.kinds: dict[str, str] = {}
+        self.paused: set[str] = set()
+        self.warned: set[tuple[str, str]] = set()
+        self.gpu_clear: GpuClear | None = None
+        self.beat = 0
+        self.started_at = utc_now()
+        self.last_full_scan: str | None = None
+        self._stop = False
+        self._interrupts = 0
+        now = time.monotonic()
+        self._next_scan = now
+        self._next_beat = now
+        self._next_retention = now + 5.0
+
+    # ---- life cycle -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, stop cleanly; raises DlwatchdError for an unusable spool."""
+        self.layout.ensure()
+        self._install_signal_handlers()
+        for lane in self.lanes.values():
+            lane.start()
+        self._heartbeat()
+        self.watcher.start()
+        self._recover_own()
+        self._full_scan()
+        self.state = "ready" if self.reason is None else "degraded"
+        self._heartbeat()
+        logger.info(
+            "ready: spool %s, daemon %s, watcher %s, rescan every %.2f s",
+            self.layout.root, self.me, self.watcher.mode, self.settings.rescan_interval,
+        )
+        try:
+            while not self._stop:
+                self.step()
+        finally:
+            self._shutdown()
+        return 0
+
+    def request_stop(self) -> None:
+        self._stop = True
+        self.wakeup.ring()
+
+    def _install_signal_handlers(self) -> None:
+        def on_term(signum: int, frame: Any) -> None:
+            self.request_stop()
+
+        def on_int(signum: int, frame: Any) -> None:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                os._exit(130)  # a second Ctrl-C: the user wants out now
+            self.request_stop()
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_int)
+
+    def _shutdown(self) -> None:
+        self.state = "stopping"
+        self._heartbeat()
+        deadline = time.monotonic() + self.settings.stop_timeout
+        while any(lane.job for lane in self.lanes.values()) and time.monotonic() < deadline:
+            self._wait(min(0.5, max(0.0, deadline - time.monotonic())))
+            self._read_lanes()
+        for lane in self.lanes.values():
+            lane.stop(timeout=5.0)
+        self.watcher.stop()
+        self._heartbeat()
+        self.wakeup.close()
+        logger.info("stopped")
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One turn of the loop: wait for something, then handle all that is due."""
+        now = time.monotonic()
+        timeout = max(0.0, min(self._next_scan, self._next_beat) - now)
+        self._wait(timeout)
+        self._read_lanes()
+        self._restart_lanes()
+        for hint in self.watcher.drain():
+            self._on_hint(hint)
+        now = time.monotonic()
+        if now >= self._next_scan:
+            self._full_scan()
+        if self.gpu_clear is not None and self.gpu_clear.advance():
+            self.gpu_clear = None
+        self._dispatch()
+        if now >= self._next_beat:
+            self._check_health()
+            self._heartbeat()
+            self._take_over_dead_peers()
+        if now >= self._next_retention:
+            self._next_retention = now + self.settings.retention.interval_s
+            retention.sweep(self.layout, self.settings.retention)
+
+    def _wait(self, timeout: float) -> None:
+        handles: list[Any] = [self.wakeup]
+        for lane in self.lanes.values():
+            if lane.conn is not None:
+                handles.append(lane.conn)
+            if lane.process is not None:
+                handles.append(lane.process.sentinel)
+        wait(handles, timeout)
+
+    def _on_hint(self, directory: Path) -> None:
+        if directory == self.layout.incoming:
+            self._run_intake()
+        elif directory == self.layout.queued:
+            self._refresh_queue()
+        elif directory.parent == self.layout.jobs:
+            self._check_markers(directory.name)
+
+    def _full_scan(self) -> None:
+        """The directory listing is the truth: intake, queue, markers and orphaned claims, every interval."""
+        self._next_scan = time.monotonic() + self.settings.rescan_interval
+        missing = self.layout.missing_dirs()
+        if missing:
+            self.reason = f"spool folders missing or replaced by links: {', '.join(missing)}"
+            return
+        if self.reason and self.reason.startswith("spool folders"):
+            self.reason = None
+        self.counters.rescans += 1
+        self.last_full_scan = utc_now()
+        self._run_intake()
+        self._refresh_queue()
+        for job_id in [*self.queue, *self.paused]:
+            self._check_markers(job_id)
+        self._adopt_orphans()
+
+    def _run_intake(self) -> None:
+        if self.reason and self.reason.startswith("spool folders"):
+            return  # refuse to work in a spool whose folders were swapped out
+        report = self.intake.scan()
+        self._count(report)
+        if report.accepted:
+            for accepted in report.accepted:
+                self.kinds[accepted.job_id] = accepted.kind
+                self.watcher.watch_job(accepted.job_id)
+            self._refresh_queue()
+
+    def _count(self, report: IntakeReport) -> None:
+        self.counters.accepted += len(report.accepted)
+        self.counters.rejected += report.rejected
+        self.counters.ignored_files += report.ignored
+
+    def _refresh_queue(self) -> None:
+        self.queue = queued_ids(self.layout)
+
+    def _kind_of(self, job_id: str) -> str | None:
+        kind = self.kinds.get(job_id)
+        if kind is None:
+            status = read_status(self.layout.status_path(job_id))
+            kind = status.kind if status else None
+            if kind is not None:
+                self.kinds[job_id] = kind
+        return kind
+
+    # ---- control markers --------------------------------------------------------------------------
+
+    def _check_markers(self, job_id: str) -> None:
+        if job_id in self.paused:
+            outcome = control.settle_paused(self.layout, job_id, self.me)
+            if outcome != "paused":
+                self.paused.discard(job_id)
+                if outcome == "cancelled":
+                    self._forget(job_id)
+                else:
+                    self._refresh_queue()
+            return
+        if job_id not in self.queue:
+            return
+        if self.layout.marker_path(job_id, "cancel").exists():
+            if control.cancel_queued(self.layout, job_id, self.me):
+                self._forget(job_id)
+            self._refresh_queue()
+            return
+        for marker in control.misplaced_markers(self.layout, job_id, self._kind_of(job_id)):
+            if (job_id, marker) not in self.warned:
+                self.warned.add((job_id, marker))
+                StatusFile(self.layout.status_path(job_id)).warn(
+                    "W_MARKER_IGNORED", f"The '{marker}' marker applies to trainings only and was ignored."
+                )
+
+    def _forget(self, job_id: str) -> None:
+        self.kinds.pop(job_id, None)
+        self.watcher.unwatch_job(job_id)
+        self.warned = {item for item in self.warned if item[0] != job_id}
+
+    # ---- dispatch ---------------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        if self._stop or (self.reason and self.reason.startswith("spool folders")):
+            return
+        for job_id in list(self.queue):
+            kind_name = self._kind_of(job_id)
+            if kind_name is None or kind_name not in self.registry:
+                continue
+            kind = self.registry.get(kind_name)
+            if kind.lane is None:
+                if kind_name == "gpu-clear" and self.gpu_clear is not None:
+                    continue
+                claim = claim_queued(self.layout, job_id, self.me)
+                self.queue.remove(job_id)
+                if claim is not None:
+                    self._answer_locally(job_id, kind_name, claim)
+                continue
+            lane = self.lanes[kind.lane]
+            if not lane.idle or (self.gpu_clear is not None and self.gpu_clear.holds(kind.lane)):
+                continue
+            claim = claim_queued(self.layout, job_id, self.me)
+            self.queue.remove(job_id)
+            if claim is None:
+                continue  # another daemon was faster
+            status = read_status(self.layout.status_path(job_id))
+            attempt = status.attempt if status else 1
+            lane.run(
+                {
+                    "spool": str(self.layout.root),
+                    "job_id": job_id,
+                    "kind": kind_name,
+                    "claim": str(claim),
+                    "daemon": self.me,
+                    "attempt": attempt,
+                    "lane": lane.name,
+                    "read_roots": [str(p) for p in self.settings.effective_read_roots()],
+                    "write_roots": [str(p) for p in self.settings.effective_write_roots()],
+                },
+                RunningJob(job_id, kind_name, str(claim), attempt),
+            )
+
+    def _answer_locally(self, job_id: str, kind: str, claim: Path) -> None:
+        """Kinds the supervisor answers itself: health at once, gpu-clear as a multi-step operation."""
+        writer = StatusFile(self.layout.status_path(job_id))
+        writer.update(state=JobState.RUNNING, daemon=self.me)
+        if kind == "gpu-clear":
+            self.gpu_clear = GpuClear(self, job_id, claim)
+            return
+        writer.update(state=JobState.SUCCEEDED, result=self.health().model_dump(mode="json"))
+        commit_terminal(self.layout, claim, job_id, "succeeded")
+        self.counters.completed += 1
+        self._forget(job_id)
+
+    # ---- lanes ------------------------------------------------------------------------------------
+
+    def _read_lanes(self) -> None:
+        for lane in self.lanes.values():
+            while lane.conn is not None:
+                try:
+                    if not lane.conn.poll():
+                        break
+                    message = lane.conn.recv()
+                except (EOFError, OSError):
+                    break
+                self._on_lane_message(lane, message)
+            if lane.process is not None and not lane.process.is_alive():
+                self._on_worker_death(lane)
+
+    def _on_lane_message(self, lane: Lane, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if message.get("memory") is not None:
+            lane.memory = message["memory"]
+        if op == "ready":
+            lane.ready = True
+        elif op == "progress" and lane.job is not None:
+            lane.job.progress = message.get("progress")
+        elif op == "memory" and self.gpu_clear is not None:
+            self.gpu_clear.on_memory(lane.name, message.get("memory"))
+        elif op == "done" and lane.job is not None:
+            job, lane.job = lane.job, None
+            self._finish(job, message["state"])
+
+    def _finish(self, job: RunningJob, state: str) -> None:
+        if state in ("succeeded", "failed", "cancelled"):
+            commit_terminal(self.layout, Path(job.claim), job.job_id, state)
+            self.counters.completed += state == "succeeded"
+            self.counters.failed += state == "failed"
+            self._forget(job.job_id)
+        elif state == "paused":
+            self.paused.add(job.job_id)
+            self._check_markers(job.job_id)
+        elif state == "fenced":
+            self._forget(job.job_id)
+        logger.info("job %s (%s) ended %s", job.job_id, job.kind, state)
+
+    def _on_worker_death(self, lane: Lane) -> None:
+        job = lane.reap()
+        self.counters.worker_restarts += 1
+        if job is None:
+            return
+        append_job_log(self.layout.log_path(job.job_id), f"the {lane.name} worker died ({lane.last_error})")
+        outcome = reconcile(self.layout, self.registry, job.job_id, Path(job.claim), self.me, ErrorCode.WORKER_DIED)
+        logger.error("job %s: worker of lane %s died; %s", job.job_id, lane.name, outcome)
+        self.counters.failed += outcome == "failed"
+        if outcome == "requeued":
+            self._refresh_queue()
+        elif outcome != "paused":
+            self._forget(job.job_id)
+
+    def _restart_lanes(self) -> None:
+        if self._stop:
+            return
+        now = time.monotonic()
+        for lane in self.lanes.values():
+            if lane.process is None and now >= lane.not_before and not (
+                self.gpu_clear is not None and self.gpu_clear.holds(lane.name)
+            ):
+                lane.start()
+
+    # ---- recovery ---------------------------------------------------------------------------------
+
+    def _recover_own(self) -> None:
+        """After a restart: finish interrupted intakes, then reconcile every claim this daemon id holds."""
+        report = IntakeReport()
+        self.intake.recover_claims(self.me, report)
+        self._count(report)
+        for job_id, claim in own_claims(self.layout, self.me).items():
+            outcome = reconcile(self.layout, self.registry, job_id, claim, self.me, ErrorCode.INTERRUPTED)
+            if outcome == "paused":
+                self.paused.add(job_id)
+            logger.info("restart: job %s %s", job_id, outcome)
+
+    def _adopt_orphans(self) -> None:
+        """Claims under this daemon's name that no lane runs and that are not paused (should not happen)."""
+        busy = {lane.job.job_id for lane in self.lanes.values() if lane.job} | self.paused
+        if self.gpu_clear is not None:
+            busy.add(self.gpu_clear.job_id)
+        for job_id, claim in own_claims(self.layout, self.me).items():
+            if job_id not in busy:
+                outcome = reconcile(self.layout, self.registry, job_id, claim, self.me, ErrorCode.INTERRUPTED)
+                if outcome == "paused":
+                    self.paused.add(job_id)
+
+    def _take_over_dead_peers(self) -> None:
+        for dead in self.peers.dead_peers():
+            report = IntakeReport()
+            self.intake.recover_claims(dead, report)
+            self._count(report)
+            outcomes = take_over(self.layout, self.registry, dead, self.me)
+            for job_id, outcome in outcomes.items():
+                if outcome == "paused":
+                    self.paused.add(job_id)
+            if outcomes or report.accepted:
+                self.counters.takeovers += 1
+                logger.warning("took over from dead daemon %s: %s", dead, outcomes)
+                self._refresh_queue()
+
+    # ---- health -----------------------------------------------------------------------------------
+
+    def _check_health(self) -> None:
+        if self.watcher.mode == "native" and not self.watcher.alive:
+            self.counters.event_overflows += 1
+            self.reason = "the filesystem watcher stopped; restarting it"
+            logger.error(self.reason)
+            self.watcher.restart()
+            self._full_scan()
+        elif self.reason and self.reason.startswith("the filesystem watcher"):
+            self.reason = None
+        elif self.watcher.error and self.reason is None and self.settings.watch == "native":
+            self.reason = self.watcher.error
+        if self.state in ("ready", "degraded"):
+            self.state = "degraded" if self.reason else "ready"
+
+    def health(self) -> DaemonHealth:
+        running = [
+            {"job_id": lane.job.job_id, "kind": lane.job.kind, "lane": name, "progress": lane.job.progress}
+            for name, lane in self.lanes.items()
+            if lane.job is not None
+        ]
+        return DaemonHealth(
+            daemon_id=self.me,
+            beat=self.beat,
+            pid=os.getpid(),
+            host=short_hostname(),
+            version=__version__,
+            state=self.state,  # type: ignore[arg-type]
+            reason=self.reason,
+            started_at=self.started_at,
+            updated_at=utc_now(),
+            device=self.lanes["query"].memory,
+            queues={"queued": len(self.queue), "running": len(running), "paused": len(self.paused)},
+            running_jobs=running,
+            lanes={name: lane.describe() for name, lane in self.lanes.items()},
+            watcher=self.watcher.mode,  # type: ignore[arg-type]
+            watcher_alive=self.watcher.alive,
+            last_full_scan=self.last_full_scan,
+            rescan_interval_s=self.settings.rescan_interval,
+            counters=self.counters,
+        )
+
+    def _heartbeat(self) -> None:
+        self._next_beat = time.monotonic() + self.settings.heartbeat_interval
+        self.beat += 1
+        try:
+            write_heartbeat(self.layout, self.health())
+        except OSError as exc:
+            self.reason = f"cannot write the heartbeat: {exc.strerror}"
+            logger.error(self.reason)

@@ -1,0 +1,127 @@
+"""Lanes: one long-lived worker process each (spawned), so a query never waits behind a training."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from dlwatchd.supervisor.worker import worker_main
+
+logger = logging.getLogger("dlwatchd.lanes")
+
+# A worker that dies within this many seconds of its start counts towards a crash loop.
+_EARLY_DEATH_S = 5.0
+_MAX_BACKOFF_S = 30.0
+
+
+@dataclass
+class RunningJob:
+    job_id: str
+    kind: str
+    claim: str
+    attempt: int
+    started: float = field(default_factory=time.monotonic)
+    progress: dict[str, Any] | None = None
+
+
+@dataclass
+class Lane:
+    """One worker process and the job it is running, as the supervisor sees them."""
+
+    name: str
+    plugins: list[str]
+    warm: bool
+    log_level: int
+    process: BaseProcess | None = None
+    conn: Connection | None = None
+    ready: bool = False
+    job: RunningJob | None = None
+    memory: dict[str, Any] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    early_deaths: int = 0
+    not_before: float = 0.0
+    last_error: str | None = None
+
+    @property
+    def idle(self) -> bool:
+        return self.ready and self.job is None and self.alive
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    def start(self) -> None:
+        """Spawn the worker; it reports `ready` on its pipe."""
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe(duplex=True)
+        process = context.Process(
+            target=worker_main,
+            args=(child, self.name, self.plugins, self.warm, self.log_level),
+            name=f"dlwatchd-worker-{self.name}",
+            daemon=True,
+        )
+        process.start()
+        child.close()
+        self.process, self.conn, self.ready, self.job = process, parent, False, None
+        self.started_at = time.monotonic()
+        logger.info("lane %s: worker started (pid %s)", self.name, process.pid)
+
+    def run(self, job: dict[str, Any], running: RunningJob) -> None:
+        assert self.conn is not None
+        self.job = running
+        self.conn.send({"op": "run", "job": job})
+
+    def reap(self) -> RunningJob | None:
+        """Forget a dead worker; returns the job it was running. Schedules the restart with backoff."""
+        job, self.job, self.ready = self.job, None, False
+        code = self.process.exitcode if self.process is not None else None
+        self.last_error = f"worker exited with code {code}"
+        if self.conn is not None:
+            self.conn.close()
+        self.process, self.conn = None, None
+        if time.monotonic() - self.started_at < _EARLY_DEATH_S:
+            self.early_deaths += 1
+        else:
+            self.early_deaths = 0
+        delay = min(_MAX_BACKOFF_S, 0.5 * (2 ** self.early_deaths)) if self.early_deaths else 0.0
+        self.not_before = time.monotonic() + delay
+        self.restarts += 1
+        logger.error("lane %s: %s; restarting in %.1f s", self.name, self.last_error, delay)
+        return job
+
+    def stop(self, timeout: float) -> None:
+        """Ask the worker to exit, then terminate and kill it if it does not within `timeout`."""
+        if self.process is None:
+            return
+        try:
+            if self.conn is not None:
+                self.conn.send({"op": "stop"})
+        except (OSError, ValueError):
+            pass
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(2.0)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(2.0)
+        if self.conn is not None:
+            self.conn.close()
+        self.process, self.conn, self.ready, self.job = None, None, False, None
+
+    def describe(self) -> dict[str, Any]:
+        """The lane's line in the health answer."""
+        return {
+            "pid": self.process.pid if self.process is not None else None,
+            "alive": self.alive,
+            "ready": self.ready,
+            "job": self.job.job_id if self.job else None,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+        }

@@ -1,0 +1,59 @@
+"""The body of a lane's worker process (started with spawn): receive a job, run it, report, repeat.
+
+This module is imported in the child only through `worker_main`; heavy libraries are imported by the
+job handlers, never here, so a worker starts fast and the supervisor stays free of torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from multiprocessing.connection import Connection
+from typing import Any
+
+from dlwatchd.jobs._registry import build_registry
+from dlwatchd.jobs.runner import run_job
+
+
+def memory_snapshot() -> dict[str, Any] | None:
+    """This process's device memory figures, when torch is already loaded here (never loads it)."""
+    if "torch" not in sys.modules:
+        return None
+    from dlwatchd.engine.device import memory_info
+
+    return memory_info()
+
+
+def worker_main(conn: Connection, lane: str, plugins: list[str], warm: bool, log_level: int) -> None:
+    """Serve jobs from `conn` until told to stop or the supervisor goes away."""
+    # Ctrl-C reaches the whole process group; only the supervisor decides when a worker stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format=f"%(levelname)s worker[{lane}] %(message)s", stream=sys.stderr)
+    registry = build_registry(plugins)
+
+    def send(message: dict[str, Any]) -> None:
+        conn.send(message)
+
+    send({"op": "ready", "pid": os.getpid(), "memory": memory_snapshot()})
+    if warm:
+        import torch  # noqa: F401  (loads the runtime before the first job arrives)
+
+        send({"op": "warm", "memory": memory_snapshot()})
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message.get("op") == "stop":
+            return
+        if message.get("op") == "memory":
+            from dlwatchd.engine.device import memory_info, release_device_memory
+
+            release_device_memory()
+            send({"op": "memory", "memory": memory_info()})
+        elif message.get("op") == "run":
+            job = message["job"]
+            state = run_job(job, registry, send)
+            send({"op": "done", "job_id": job["job_id"], "state": state, "memory": memory_snapshot()})
