@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import platform
 from functools import lru_cache
 from pathlib import Path
@@ -48,7 +49,13 @@ def cpu_description() -> dict[str, Any]:
     bf16 = bool(flags & {"avx512_bf16", "amx_bf16", "bf16"}) or (
         platform.system() == "Darwin" and platform.machine() == "arm64"
     )
-    return {"cpu_name": name, "cpu_count": torch.get_num_threads(), "bf16_native": bf16}
+    return {
+        "cpu_name": name,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_native": bf16,
+    }
 
 
 def onnxruntime_providers() -> list[str]:

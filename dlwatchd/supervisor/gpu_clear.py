@@ -99,15 +99,20 @@ class GpuClear:
             self.asked = True
         return self.replied or time.monotonic() > self.deadline
 
+    def _is_training(self, job_id: str) -> bool:
+        kind = self.sup._kind_of(job_id)
+        return kind is not None and kind in self.sup.registry and self.sup.registry.get(kind).lane == "train"
+
     def _cancel_trainings(self) -> None:
+        """Cancel every training of the train lane: queued and paused ones at once, the running one at its next batch."""
         sup, layout = self.sup, self.sup.layout
         for job_id in list(sup.queue):
-            if sup._kind_of(job_id) == "train":
+            if self._is_training(job_id):
                 layout.marker_path(job_id, "cancel").touch()
                 if control.cancel_queued(layout, job_id, sup.me):
                     self.cancelled.append(job_id)
         for job_id in list(sup.paused):
-            if sup._kind_of(job_id) == "train":
+            if self._is_training(job_id):
                 layout.marker_path(job_id, "cancel").touch()
                 if control.settle_paused(layout, job_id, sup.me) == "cancelled":
                     sup.paused.discard(job_id)

@@ -10,11 +10,43 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
 from dlwatchd.jobs._registry import build_registry
 from dlwatchd.jobs.runner import run_job
+
+
+_ORPHAN_POLL_S = 0.5
+
+
+def die_with_parent() -> None:
+    """End this worker as soon as the supervisor is gone (even by SIGKILL), so no orphan keeps writing.
+
+    Linux delivers SIGKILL through prctl(PR_SET_PDEATHSIG) at once; elsewhere a thread notices that the
+    parent changed within half a second.
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1
+            libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_ORPHAN_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
 def memory_snapshot() -> dict[str, Any] | None:
@@ -30,6 +62,7 @@ def worker_main(conn: Connection, lane: str, plugins: list[str], warm: bool, log
     """Serve jobs from `conn` until told to stop or the supervisor goes away."""
     # Ctrl-C reaches the whole process group; only the supervisor decides when a worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
     logging.basicConfig(level=log_level, format=f"%(levelname)s worker[{lane}] %(message)s", stream=sys.stderr)
     registry = build_registry(plugins)
 
