@@ -24,8 +24,8 @@ logger = logging.getLogger("dlwatchd.recovery")
 CHECKPOINT_NAME = "checkpoint.pt"
 
 _CAUSES = {
-    ErrorCode.WORKER_DIED: ("worker_died", "the worker process running it died"),
-    ErrorCode.INTERRUPTED: ("daemon_restart", "the daemon running it stopped"),
+    ErrorCode.WORKER_DIED: ("worker_death", "the worker process running it died"),
+    ErrorCode.INTERRUPTED: ("restart", "the daemon running it stopped"),
 }
 
 
@@ -68,10 +68,16 @@ def reconcile(
 
     kind = registry.get(status.kind) if status.kind in registry else None
     policy = kind.on_interrupt if kind else "fail"
-    can_retry = kind is not None and policy == "retry" and status.attempt < kind.max_attempts
-    can_resume = policy == "resume" and (layout.job_dir(job_id) / CHECKPOINT_NAME).exists()
-    if can_retry or can_resume:
-        note = f"retried_after_{tag}" if can_retry else "resumed_after_restart"
+    attempts_left = kind is not None and status.attempt < kind.max_attempts
+    has_checkpoint = (layout.job_dir(job_id) / CHECKPOINT_NAME).exists()
+    if policy == "retry" and attempts_left:
+        note = f"retried_after_{tag}"
+    elif policy == "resume" and has_checkpoint and (code is ErrorCode.INTERRUPTED or attempts_left):
+        # A stopped daemon may resume a training any number of times; a crashing worker only once.
+        note = f"resumed_after_{tag}"
+    else:
+        note = None
+    if note is not None:
         writer.update(
             state=JobState.QUEUED,
             daemon=None,
@@ -82,9 +88,9 @@ def reconcile(
         logger.warning("job %s queued again: %s", job_id, cause)
         return "requeued" if release_to_queue(layout, claim, job_id) else "lost"
 
-    if policy == "resume":
+    if policy == "resume" and not has_checkpoint:
         message = f"The training was interrupted before its first checkpoint because {cause}."
-    elif can_retry is False and policy == "retry":
+    elif policy in ("retry", "resume"):
         message = f"The job was interrupted because {cause}, on its last allowed attempt ({status.attempt})."
     else:
         message = f"The job was interrupted because {cause}."
