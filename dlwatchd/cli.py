@@ -36,8 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spool(run)
     run.add_argument("--config", type=Path, help="TOML config file ($DLWATCHD_CONFIG)")
     run.add_argument("--daemon-id", help="this daemon's id (default: <short hostname>-1)")
-    run.add_argument("--read-root", action="append", type=Path, dest="read_roots", help="extra folder requests may read (repeatable)")
-    run.add_argument("--write-root", action="append", type=Path, dest="write_roots", help="extra folder outputs may go to (repeatable)")
+    run.add_argument(
+        "--read-root",
+        action="append",
+        type=Path,
+        dest="read_roots",
+        help="extra folder requests may read (repeatable)",
+    )
+    run.add_argument(
+        "--write-root",
+        action="append",
+        type=Path,
+        dest="write_roots",
+        help="extra folder outputs may go to (repeatable)",
+    )
     run.add_argument("--watch", choices=["native", "polling"], help="filesystem events, or polling for network shares")
     run.add_argument("--rescan-interval", type=float, help="seconds between full rescans (default 2)")
 
@@ -78,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configure_logging(verbosity: int) -> None:
     level = logging.WARNING - 10 * verbosity if verbosity else logging.INFO
-    logging.basicConfig(level=max(logging.DEBUG, level), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=max(logging.DEBUG, level), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
 
 def _spool(args: argparse.Namespace) -> Path:
@@ -152,7 +166,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = client.status(args.job_id)
     if status is None:
         where = client.where(args.job_id)
-        state = "waiting for pickup" if where is None and (client.layout.incoming / f"{args.job_id}.json").exists() else "unknown"
+        state = (
+            "waiting for pickup"
+            if where is None and (client.layout.incoming / f"{args.job_id}.json").exists()
+            else "unknown"
+        )
         print(f"dlwatchd: job {args.job_id}: no status yet ({state})", file=sys.stderr)
         return EXIT_USAGE
     print(json.dumps(status.model_dump(mode="json"), indent=2))
@@ -236,3 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"dlwatchd: {exc.strerror}: {exc.filename}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # e.g. `dlwatchd schema | head`: the reader left, which is fine
+        sys.stderr.close()
+        return EXIT_OK

@@ -19,7 +19,13 @@ from dlwatchd.protocol.status import JobState, JobStatus
 from dlwatchd.spool.atomic import dumps, write_bytes_atomic, write_json_atomic
 from dlwatchd.spool.claims import locate_request
 from dlwatchd.spool.heartbeat_view import read_heartbeats
-from dlwatchd.spool.layout import JOB_ID_RE, TERMINAL_DIRS, SpoolLayout, parse_claim_name, request_id_from_name
+from dlwatchd.spool.layout import (
+    JOB_ID_RE,
+    TERMINAL_DIRS,
+    SpoolLayout,
+    parse_claim_name,
+    request_id_from_name,
+)
 from dlwatchd.spool.status_file import read_status
 
 if TYPE_CHECKING:
@@ -124,7 +130,9 @@ class SpoolClient:
             if parsed:
                 jobs["running"].append(parsed[0])
         for directory in TERMINAL_DIRS.values():
-            jobs[directory] = sorted(n[: -len(".json")] for n in _listdir(self.layout.root / directory) if request_id_from_name(n))
+            jobs[directory] = sorted(
+                n[: -len(".json")] for n in _listdir(self.layout.root / directory) if request_id_from_name(n)
+            )
         return {key: sorted(value) for key, value in jobs.items()}
 
     def where(self, job_id: str) -> Path | None:

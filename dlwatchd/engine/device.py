@@ -18,7 +18,7 @@ _MIB = 1024 * 1024
 
 
 def detect_device_type() -> str:
-    """"cuda", "mps" or "cpu"; any failure while probing counts as absent."""
+    """ "cuda", "mps" or "cpu"; any failure while probing counts as absent."""
     try:
         if torch.cuda.is_available():
             return "cuda"
@@ -107,9 +107,9 @@ def device_info() -> dict[str, Any]:
             "backend": "Metal Performance Shaders",
             **common,
         }
-        allocated = _mps_allocated_mb()
-        if allocated is not None:
-            info["allocated_mb"] = allocated
+        mps_allocated = _mps_allocated_mb()
+        if mps_allocated is not None:
+            info["allocated_mb"] = mps_allocated
         return info
     return {
         "available": False,
@@ -150,9 +150,9 @@ def memory_info() -> dict[str, Any]:
             }
         if kind == "mps":
             info: dict[str, Any] = {"device": "mps", "info": "Apple MPS memory is shared with the system"}
-            allocated = _mps_allocated_mb()
-            if allocated is not None:
-                info["allocated_mb"] = allocated
+            mps_allocated = _mps_allocated_mb()
+            if mps_allocated is not None:
+                info["allocated_mb"] = mps_allocated
             return info
         return {"device": "cpu", "info": "no accelerator memory to report on the CPU"}
     except Exception as exc:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -108,7 +108,7 @@ def build_registry(plugins: Iterable[str] = ()) -> KindRegistry:
     return registry
 
 
-def resolve_handler(path: str):  # type: ignore[no-untyped-def]
+def resolve_handler(path: str) -> Callable[..., Any]:
     """The callable named by "module:function"."""
     module_name, _, attr = path.partition(":")
     return getattr(importlib.import_module(module_name), attr)

@@ -34,7 +34,9 @@ def error_for_exception(exc: BaseException) -> DlwatchdError:
         where = f" ({exc.filename})" if exc.filename else ""
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return DlwatchdError(
-                ErrorCode.DISK_FULL, f"The disk is full{where}.", hint="Free disk space, then submit the job again."
+                ErrorCode.DISK_FULL,
+                f"The disk is full{where}.",
+                hint="Free disk space, then submit the job again.",
             )
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return DlwatchdError(

@@ -90,22 +90,36 @@ def check_limits(obj: Any) -> None:
     stack: list[tuple[Any, tuple[Any, ...]]] = [(obj, ())]
     while stack:
         value, path = stack.pop()
-        if len(path) > MAX_DEPTH:
+        if isinstance(value, (dict, list)) and len(path) + 1 > MAX_DEPTH:
             raise DlwatchdError(
                 ErrorCode.TOO_LARGE,
                 f"The request nests deeper than the limit of {MAX_DEPTH} levels.",
-                field=dotted(path[:MAX_DEPTH]),
+                field=dotted(path),
             )
         if isinstance(value, dict):
+            for key in value:
+                _check_string(key, path, is_key=True)
             stack.extend((item, (*path, key)) for key, item in value.items())
         elif isinstance(value, list):
             stack.extend((item, (*path, index)) for index, item in enumerate(value))
-        elif isinstance(value, str) and len(value) > MAX_STRING and not _is_tile_data(path):
-            raise DlwatchdError(
-                ErrorCode.TOO_LARGE,
-                f"The field '{dotted(path)}' holds {len(value)} characters; the limit is {MAX_STRING}.",
-                field=dotted(path),
-            )
+        elif isinstance(value, str):
+            _check_string(value, path, is_key=False)
+
+
+def _check_string(value: str, path: tuple[Any, ...], *, is_key: bool) -> None:
+    """Strings and keys: at most 1 MiB (inline tile data excepted) and encodable as UTF-8 (no lone surrogates)."""
+    where = dotted(path) or "the request"
+    if len(value) > MAX_STRING and (is_key or not _is_tile_data(path)):
+        what = f"A key in '{where}'" if is_key else f"The field '{where}'"
+        raise DlwatchdError(
+            ErrorCode.TOO_LARGE,
+            f"{what} holds {len(value)} characters; the limit is {MAX_STRING}.",
+            field=dotted(path) or None,
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise JsonSyntaxError(f"a string in '{where}' holds an unpaired surrogate escape (\\ud800-\\udfff)") from None
 
 
 def dotted(path: tuple[Any, ...] | list[Any]) -> str:
@@ -116,10 +130,33 @@ def dotted(path: tuple[Any, ...] | list[Any]) -> str:
     return out
 
 
-def schema_error(exc: ValidationError, kind: str) -> DlwatchdError:
+def request_path(loc: tuple[Any, ...], raw: Any) -> list[Any]:
+    """The part of a pydantic error location that names places in the request itself.
+
+    Pydantic adds labels of union members (`constrained-float`, `list[float]`) to locations; those are
+    dropped, and the path stops at the first part the request does not have (e.g. a missing field).
+    """
+    path: list[Any] = []
+    node = raw
+    for part in loc:
+        if isinstance(node, dict) and isinstance(part, str):
+            path.append(part)
+            if part not in node:
+                break
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            path.append(part)
+            node = node[part]
+        elif not isinstance(node, (dict, list)):
+            break
+    return path
+
+
+def schema_error(exc: ValidationError, kind: str, raw: Any = None) -> DlwatchdError:
     """The E_SCHEMA error for the first problem pydantic found, naming the field path."""
     first = exc.errors(include_url=False)[0]
-    path = dotted(list(first["loc"]))
+    loc = tuple(first["loc"])
+    path = dotted(request_path(loc, raw) if raw is not None else list(loc))
     extra = f" ({len(exc.errors())} problems in all)" if exc.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
         message = f"The field '{path}' is not part of a '{kind}' request{extra}."
@@ -161,5 +198,5 @@ def decode_request(data: bytes, registry: KindRegistry, max_bytes: int = MAX_REQ
     try:
         request = model.model_validate(obj)
     except ValidationError as exc:
-        raise schema_error(exc, kind) from None
+        raise schema_error(exc, kind, obj) from None
     return DecodedRequest(kind=kind, request=request, raw=obj)

@@ -74,9 +74,7 @@ class InferNormalization(AliasedModel):
 
     @field_validator("max")
     @classmethod
-    def _max_above_min(
-        cls, upper: float | list[float] | None, info: ValidationInfo
-    ) -> float | list[float] | None:
+    def _max_above_min(cls, upper: float | list[float] | None, info: ValidationInfo) -> float | list[float] | None:
         # Only a pair sent together can be checked; a lone bound meets the model's at run time.
         lower = info.data.get("min")
         if lower is not None and upper is not None:

@@ -68,9 +68,7 @@ class RequestBase(BaseModel):
     finite numbers, depth <= 32). Any other unknown key is an error.
     """
 
-    model_config = ConfigDict(
-        extra="forbid", populate_by_name=True, allow_inf_nan=False, str_max_length=MAX_STRING
-    )
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False, str_max_length=MAX_STRING)
 
     protocol: Literal[1] = 1
     kind: str
@@ -87,9 +85,7 @@ class RequestBase(BaseModel):
 
     @field_validator("client", "meta")
     @classmethod
-    def _bounded_free_object(
-        cls, value: dict[str, Any] | None, info: ValidationInfo
-    ) -> dict[str, Any] | None:
+    def _bounded_free_object(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
         if value is not None:
             _check_free_value(value, str(info.field_name))
         return value

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 from dlwatchd.errors import DlwatchdError, ErrorCode
 
 
@@ -17,7 +19,7 @@ def schema_for(name: str | None) -> dict[str, Any]:
 
     if name is None:
         return request_adapter().json_schema()
-    documents = {"status": JobStatus, "health": DaemonHealth, **REQUEST_MODELS}
+    documents: dict[str, type[BaseModel]] = {"status": JobStatus, "health": DaemonHealth, **REQUEST_MODELS}
     if name not in documents:
         raise DlwatchdError(
             ErrorCode.NOT_FOUND,

@@ -114,8 +114,7 @@ def merge_training_blocks(data: Mapping[str, Any]) -> Mapping[str, Any]:
         return merged
     first = data["training"]
     blocks = [
-        block.model_dump(exclude_unset=True) if isinstance(block, BaseModel) else block
-        for block in (first, second)
+        block.model_dump(exclude_unset=True) if isinstance(block, BaseModel) else block for block in (first, second)
     ]
     if not all(isinstance(block, Mapping) for block in blocks):
         raise PydanticCustomError(
@@ -305,9 +304,7 @@ class TrainInputConfig(AliasedModel):
 
     @field_validator("normalization")
     @classmethod
-    def _bounds_per_channel(
-        cls, normalization: NormalizationConfig, info: ValidationInfo
-    ) -> NormalizationConfig:
+    def _bounds_per_channel(cls, normalization: NormalizationConfig, info: ValidationInfo) -> NormalizationConfig:
         bound_lengths(normalization, info.data.get("num_channels"))
         return normalization
 

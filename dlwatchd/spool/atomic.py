@@ -82,7 +82,7 @@ def rename_claim(src: Path, dst: Path) -> bool:
     except FileNotFoundError:
         return False
     try:
-        os.stat(dst)
+        os.lstat(dst)  # the claimed entry itself: it may be a (dangling) symlink that intake must reject
     except FileNotFoundError:
         return False
     return True

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,14 +50,12 @@ class Intake:
         registry: KindRegistry,
         daemon_id: str,
         max_bytes: int,
-        on_ignored: Callable[[str], None] | None = None,
     ) -> None:
         self.layout = layout
         self.registry = registry
         self.daemon_id = daemon_id
         self.max_bytes = max_bytes
         self._ignored_seen: set[str] = set()
-        self._on_ignored = on_ignored
 
     def scan(self) -> IntakeReport:
         """Process every candidate in incoming/ once."""
@@ -116,11 +113,12 @@ class Intake:
             if existing is not None:
                 self._handle_duplicate(job_id, claim, existing.state, report)
                 return
+            decoded = None
             try:
                 decoded = decode_request(self._read_claimed(claim), self.registry, self.max_bytes)
                 self.registry.require_available(decoded.kind)
             except DlwatchdError as error:
-                self._reject(job_id, claim, error, kind=None)
+                self._reject(job_id, claim, error, kind=decoded.kind if decoded else None)
                 report.rejected += 1
                 return
             self._accept(job_id, claim, decoded)

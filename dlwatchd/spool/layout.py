@@ -14,10 +14,10 @@ PROTOCOL_VERSION = 1
 LAYOUT_VERSION = 1
 MARKER_NAME = "dlwatchd.json"
 
-JOB_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-REQUEST_NAME_RE = re.compile(r"^([a-z0-9][a-z0-9_-]{0,63})\.json$")
-DAEMON_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-CLAIM_NAME_RE = re.compile(r"^([a-z0-9][a-z0-9_-]{0,63})@([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.json$")
+JOB_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
+REQUEST_NAME_RE = re.compile(r"^([a-z0-9][a-z0-9_-]{0,63})\.json\Z")
+DAEMON_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+CLAIM_NAME_RE = re.compile(r"^([a-z0-9][a-z0-9_-]{0,63})@([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.json\Z")
 
 STATE_DIRS = ("incoming", "queued", "running", "done", "failed", "cancelled", "rejected")
 OTHER_DIRS = ("jobs", "inputs", "models", "daemons", "tmp")

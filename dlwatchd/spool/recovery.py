@@ -50,7 +50,11 @@ def reconcile(
         layout.job_dir(job_id).mkdir(parents=True, exist_ok=True)
         error = DlwatchdError(code, f"The job was interrupted because {cause}, and its status was lost.")
         StatusFile(status_path).create(
-            job_id=job_id, kind=None, state=JobState.FAILED, daemon=daemon_id, error=ErrorInfo.from_error(error)
+            job_id=job_id,
+            kind=None,
+            state=JobState.FAILED,
+            daemon=daemon_id,
+            error=ErrorInfo.from_error(error),
         )
         return "failed" if commit_terminal(layout, claim, job_id, "failed") else "lost"
     if status.state.terminal:
@@ -60,13 +64,14 @@ def reconcile(
     writer = StatusFile(status_path)
     if status.state is JobState.CANCELLING:
         writer.update(state=JobState.CANCELLED, daemon=daemon_id)
+        (layout.job_dir(job_id) / CHECKPOINT_NAME).unlink(missing_ok=True)  # a cancelled job leaves no work files
         append_job_log(log, f"cancelled ({cause} while it was being cancelled)")
         return "cancelled" if commit_terminal(layout, claim, job_id, "cancelled") else "lost"
     if status.state is JobState.QUEUED:
         # Claimed but never started: put it back without spending an attempt.
         return "requeued" if release_to_queue(layout, claim, job_id) else "lost"
 
-    kind = registry.get(status.kind) if status.kind in registry else None
+    kind = registry.get(status.kind) if status.kind is not None and status.kind in registry else None
     policy = kind.on_interrupt if kind else "fail"
     attempts_left = kind is not None and status.attempt < kind.max_attempts
     has_checkpoint = (layout.job_dir(job_id) / CHECKPOINT_NAME).exists()

@@ -33,7 +33,7 @@ class StatusFile:
         self.path = path
         self.progress_interval = progress_interval
         self._current: JobStatus | None = read_status(path)
-        self._last_progress = 0.0
+        self._last_progress = float("-inf")
 
     @property
     def current(self) -> JobStatus | None:
@@ -44,8 +44,17 @@ class StatusFile:
         if self._current is not None:
             return self.update(state=state, daemon=daemon, kind=kind, **fields)
         now = utc_now()
+        if state.terminal:
+            fields.setdefault("finished_at", now)
         status = JobStatus(
-            job_id=job_id, kind=kind, state=state, seq=1, daemon=daemon, created_at=now, updated_at=now, **fields
+            job_id=job_id,
+            kind=kind,
+            state=state,
+            seq=1,
+            daemon=daemon,
+            created_at=now,
+            updated_at=now,
+            **fields,
         )
         self._write(status, state_change=True)
         return status

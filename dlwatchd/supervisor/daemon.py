@@ -82,7 +82,10 @@ class Supervisor:
         self._heartbeat()
         logger.info(
             "ready: spool %s, daemon %s, watcher %s, rescan every %.2f s",
-            self.layout.root, self.me, self.watcher.mode, self.settings.rescan_interval,
+            self.layout.root,
+            self.me,
+            self.watcher.mode,
+            self.settings.rescan_interval,
         )
         try:
             while not self._stop:
@@ -355,8 +358,10 @@ class Supervisor:
             return
         now = time.monotonic()
         for lane in self.lanes.values():
-            if lane.process is None and now >= lane.not_before and not (
-                self.gpu_clear is not None and self.gpu_clear.holds(lane.name)
+            if (
+                lane.process is None
+                and now >= lane.not_before
+                and not (self.gpu_clear is not None and self.gpu_clear.holds(lane.name))
             ):
                 lane.start()
 
@@ -426,7 +431,7 @@ class Supervisor:
             pid=os.getpid(),
             host=short_hostname(),
             version=__version__,
-            state=self.state,  # type: ignore[arg-type]
+            state=self.state,
             reason=self.reason,
             started_at=self.started_at,
             updated_at=utc_now(),
@@ -434,7 +439,7 @@ class Supervisor:
             queues={"queued": len(self.queue), "running": len(running), "paused": len(self.paused)},
             running_jobs=running,
             lanes={name: lane.describe() for name, lane in self.lanes.items()},
-            watcher=self.watcher.mode,  # type: ignore[arg-type]
+            watcher=self.watcher.mode,
             watcher_alive=self.watcher.alive,
             last_full_scan=self.last_full_scan,
             rescan_interval_s=self.settings.rescan_interval,

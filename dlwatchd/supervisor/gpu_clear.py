@@ -41,7 +41,9 @@ def combine_memory(reply: dict[str, Any] | None, others: list[dict[str, Any] | N
         if snapshot and snapshot.get("device") == "cuda":
             for key in _SUMMED:
                 combined[key] = round(combined.get(key, 0.0) + snapshot.get(key, 0.0), 1)
-            combined["max_allocated_mb"] = max(combined.get("max_allocated_mb", 0.0), snapshot.get("max_allocated_mb", 0.0))
+            combined["max_allocated_mb"] = max(
+                combined.get("max_allocated_mb", 0.0), snapshot.get("max_allocated_mb", 0.0)
+            )
     total = combined.get("total_mb") or 0
     combined["utilization_percent"] = round(100.0 * combined.get("allocated_mb", 0.0) / total, 1) if total else 0.0
     return combined
@@ -75,7 +77,9 @@ class GpuClear:
         if self.phase == "before" and self._measured():
             others = [lane.memory for name, lane in self.sup.lanes.items() if name != "query"]
             self.memory_before = combine_memory(self.reply, others)
-            self.cleared_models = sum(int((lane.memory or {}).get("cached_models", 0)) for lane in self.sup.lanes.values())
+            self.cleared_models = sum(
+                int((lane.memory or {}).get("cached_models", 0)) for lane in self.sup.lanes.values()
+            )
             self._cancel_trainings()
             self.phase, self.deadline = "drain", time.monotonic() + DRAIN_TIMEOUT_S
         if self.phase == "drain":
@@ -84,7 +88,12 @@ class GpuClear:
                 self.phase = "recycle"
         if self.phase == "recycle":
             self._recycle()
-            self.phase, self.deadline, self.asked, self.replied = "after", time.monotonic() + MEASURE_TIMEOUT_S, False, False
+            self.phase, self.deadline, self.asked, self.replied = (
+                "after",
+                time.monotonic() + MEASURE_TIMEOUT_S,
+                False,
+                False,
+            )
             self.reply = None
         if self.phase == "after" and self._measured():
             self._finish(combine_memory(self.reply, []))
@@ -104,7 +113,7 @@ class GpuClear:
         return kind is not None and kind in self.sup.registry and self.sup.registry.get(kind).lane == "train"
 
     def _cancel_trainings(self) -> None:
-        """Cancel every training of the train lane: queued and paused ones at once, the running one at its next batch."""
+        """Cancel the train lane's jobs: queued and paused ones at once, the running one at its next batch."""
         sup, layout = self.sup, self.sup.layout
         for job_id in list(sup.queue):
             if self._is_training(job_id):
@@ -128,7 +137,14 @@ class GpuClear:
             job = lane.job
             lane.stop(timeout=5.0)
             if job is not None:
-                reconcile(self.sup.layout, self.sup.registry, job.job_id, Path(job.claim), self.sup.me, ErrorCode.INTERRUPTED)
+                reconcile(
+                    self.sup.layout,
+                    self.sup.registry,
+                    job.job_id,
+                    Path(job.claim),
+                    self.sup.me,
+                    ErrorCode.INTERRUPTED,
+                )
             lane.memory = None
             lane.start()
         self.sup._refresh_queue()

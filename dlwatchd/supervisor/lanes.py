@@ -89,7 +89,7 @@ class Lane:
             self.early_deaths += 1
         else:
             self.early_deaths = 0
-        delay = min(_MAX_BACKOFF_S, 0.5 * (2 ** self.early_deaths)) if self.early_deaths else 0.0
+        delay = min(_MAX_BACKOFF_S, 0.5 * (2**self.early_deaths)) if self.early_deaths else 0.0
         self.not_before = time.monotonic() + delay
         self.restarts += 1
         logger.error("lane %s: %s; restarting in %.1f s", self.name, self.last_error, delay)

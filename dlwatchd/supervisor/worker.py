@@ -18,7 +18,6 @@ from typing import Any
 from dlwatchd.jobs._registry import build_registry
 from dlwatchd.jobs.runner import run_job
 
-
 _ORPHAN_POLL_S = 0.5
 
 

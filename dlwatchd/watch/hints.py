@@ -19,6 +19,22 @@ from watchdog.observers.api import ObservedWatch
 
 logger = logging.getLogger("dlwatchd.watch")
 
+# watchdog's inotify backend holds every IN_MOVED_FROM for up to 0.5 s hoping to pair it with its
+# IN_MOVED_TO, and everything queued behind it in that watch waits too. The daemon's own claims move
+# files *out* of watched folders (incoming/ -> tmp/, queued/ -> running/), so each claim would delay
+# the next request's event by up to half a second. Pairs inside one folder arrive in the same read,
+# so a few milliseconds are enough to keep pairing them.
+_MOVE_PAIRING_S = 0.005
+
+
+def _shorten_move_pairing() -> None:
+    try:
+        from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+    except ImportError:  # another platform, or a watchdog without this grouper: nothing to tune
+        return
+    if getattr(InotifyMoveEventGrouper, "delay", 0) > _MOVE_PAIRING_S:
+        InotifyMoveEventGrouper.delay = _MOVE_PAIRING_S
+
 
 class Wakeup:
     """A socket pair the watcher thread writes to, so the supervisor's select() wakes at once."""
@@ -83,6 +99,7 @@ class HintWatcher:
         if self.requested_mode != "native":
             return
         try:
+            _shorten_move_pairing()
             observer = Observer()
             handler = _HintHandler(self.hints, self.wakeup)
             for name in ("incoming", "queued", "running"):

@@ -43,15 +43,21 @@ class Daemon:
         )
         env.update(self.env)
         command = [
-            sys.executable, "-m", "dlwatchd", "run",
-            "--spool", str(self.spool),
-            "--daemon-id", self.daemon_id,
-            "--watch", self.watch,
-            "--rescan-interval", str(rescan_interval),
+            sys.executable,
+            "-m",
+            "dlwatchd",
+            "run",
+            "--spool",
+            str(self.spool),
+            "--daemon-id",
+            self.daemon_id,
+            "--watch",
+            self.watch,
+            "--rescan-interval",
+            str(rescan_interval),
         ]
-        handle = open(self.log, "ab")
-        self.proc = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
-        handle.close()
+        with open(self.log, "ab") as handle:
+            self.proc = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
         if wait_ready:
             self.wait_ready()
         return self
@@ -69,9 +75,9 @@ class Daemon:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
             beat = self.heartbeat()
-            if beat and beat.get("pid") == self.proc.pid and beat.get("state") in ("ready", "degraded"):
-                if all(lane["ready"] for lane in beat["lanes"].values()):
-                    return beat
+            ready = beat and beat.get("pid") == self.proc.pid and beat.get("state") in ("ready", "degraded")
+            if ready and all(lane["ready"] for lane in beat["lanes"].values()):
+                return beat
             time.sleep(0.05)
         raise AssertionError(f"daemon not ready after {timeout} s:\n{self.log.read_text()}")
 

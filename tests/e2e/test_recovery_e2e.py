@@ -44,7 +44,9 @@ def test_an_exception_in_a_job_is_an_internal_error_with_a_log(daemon, client: S
     assert len(runs(client.layout.root, job)) == 1
 
 
-def test_requests_published_while_the_daemon_was_down_run_at_start(make_daemon, client: SpoolClient, spool: Path) -> None:
+def test_requests_published_while_the_daemon_was_down_run_at_start(
+    make_daemon, client: SpoolClient, spool: Path
+) -> None:
     first = make_daemon()
     first.stop()
     jobs = [client.submit({"kind": "test-sleep"}) for _ in range(5)]
@@ -68,7 +70,9 @@ def test_sigkill_of_the_daemon_then_restart(make_daemon, client: SpoolClient, sp
     published_while_down = client.submit({"kind": "test-sleep"})
     client.cancel(training)  # a client changes its mind while the daemon is down
     make_daemon()
-    statuses = {job: wait_state(client, job, TERMINAL, timeout=60) for job in [inference, *queued, published_while_down]}
+    statuses = {
+        job: wait_state(client, job, TERMINAL, timeout=60) for job in [inference, *queued, published_while_down]
+    }
     assert statuses[inference].state.value == "succeeded"
     assert statuses[inference].attempt == 2 and "retried_after_restart" in statuses[inference].notes
     for job in [*queued, published_while_down]:
@@ -76,7 +80,7 @@ def test_sigkill_of_the_daemon_then_restart(make_daemon, client: SpoolClient, sp
         assert len(runs(spool, job)) == 1, "a job that never started must run exactly once"
     assert wait_state(client, training, TERMINAL).state.value == "cancelled"
     assert os.listdir(spool / "running") == []
-    for job, status in statuses.items():
+    for job in statuses:
         assert (spool / "done" / f"{job}.json").exists()
 
 

@@ -176,9 +176,7 @@ def test_protocol_defaults_to_one() -> None:
 
 
 def test_client_and_meta_are_free_objects() -> None:
-    request = validate(
-        {"kind": "health", "client": {"name": "qupath", "version": "0.6"}, "meta": {"a": [1, {"b": 2}]}}
-    )
+    request = validate({"kind": "health", "client": {"name": "qupath", "version": "0.6"}, "meta": {"a": [1, {"b": 2}]}})
     assert request.client == {"name": "qupath", "version": "0.6"}
     assert request.meta == {"a": [1, {"b": 2}]}
 
@@ -243,9 +241,7 @@ def test_unknown_key_under_training_params_is_reported_under_training() -> None:
         ({"kind": "layers", "architecture": "unet", "encoder": "resnet18", "depth": 3}, ("depth",)),
     ],
 )
-def test_unknown_key_of_other_kinds_is_an_error_at_its_path(
-    body: dict[str, Any], path: tuple[Any, ...]
-) -> None:
+def test_unknown_key_of_other_kinds_is_an_error_at_its_path(body: dict[str, Any], path: tuple[Any, ...]) -> None:
     error = single_error(body)
     assert error["loc"] == path
     assert error["type"] == "extra_forbidden"
@@ -424,9 +420,7 @@ def test_alias_and_canonical_key_with_equal_values_are_accepted() -> None:
     ],
 )
 def test_scheduler_names(sent: Any, canonical: str) -> None:
-    assert (
-        validate(with_value(MINIMAL_TRAIN, ("training", "scheduler"), sent)).training.scheduler == canonical
-    )
+    assert validate(with_value(MINIMAL_TRAIN, ("training", "scheduler"), sent)).training.scheduler == canonical
 
 
 def test_unknown_scheduler_is_an_error() -> None:
@@ -457,9 +451,7 @@ def test_unknown_normalization_strategy_is_an_error() -> None:
 
 
 def normalization_body(normalization: dict[str, Any], num_channels: int = 3) -> dict[str, Any]:
-    return with_value(
-        MINIMAL_TRAIN, ("input_config",), {"num_channels": num_channels, "normalization": normalization}
-    )
+    return with_value(MINIMAL_TRAIN, ("input_config",), {"num_channels": num_channels, "normalization": normalization})
 
 
 @pytest.mark.parametrize(
@@ -473,9 +465,7 @@ def normalization_body(normalization: dict[str, Any], num_channels: int = 3) -> 
     ],
 )
 def test_fixed_range_bounds_are_stored_as_sent(sent: dict[str, Any], lower: Any, upper: Any) -> None:
-    normalization = validate(
-        normalization_body({"strategy": "fixed_range", **sent})
-    ).input_config.normalization
+    normalization = validate(normalization_body({"strategy": "fixed_range", **sent})).input_config.normalization
     dumped = normalization.model_dump()
     assert (dumped["min"], dumped["max"]) == (lower, upper)
     assert "fixed_min" not in dumped and "fixed_max" not in dumped
@@ -552,9 +542,7 @@ def test_classes_are_at_least_two_unique_non_empty_names(classes: list[Any], loc
 def test_class_weights_need_one_positive_weight_per_class() -> None:
     good = with_value(MINIMAL_TRAIN, ("training", "class_weights"), [1.0, 0.0])
     assert validate(good).training.class_weights == [1.0, 0.0]
-    assert single_error(with_value(MINIMAL_TRAIN, ("training", "class_weights"), [1, 2, 3]))["loc"] == (
-        "training",
-    )
+    assert single_error(with_value(MINIMAL_TRAIN, ("training", "class_weights"), [1, 2, 3]))["loc"] == ("training",)
     zero = single_error(with_value(MINIMAL_TRAIN, ("training", "class_weights"), [0, 0]))
     assert zero["loc"] == ("training", "class_weights")
 
@@ -791,9 +779,7 @@ def test_infer_option_choices(tta: str, precision: str) -> None:
 
 def test_infer_selected_channels_empty_means_all_and_must_match_num_channels() -> None:
     assert (
-        validate(
-            with_value(MINIMAL_INFER, ("input_config", "selected_channels"), [])
-        ).input_config.selected_channels
+        validate(with_value(MINIMAL_INFER, ("input_config", "selected_channels"), [])).input_config.selected_channels
         == []
     )
     body = with_value(MINIMAL_INFER, ("input_config",), {"num_channels": 2, "selected_channels": [0, 1, 2]})
@@ -801,9 +787,7 @@ def test_infer_selected_channels_empty_means_all_and_must_match_num_channels() -
 
 
 def test_infer_normalization_keeps_unsent_fields_unset_across_a_reload() -> None:
-    body = with_value(
-        MINIMAL_INFER, ("input_config", "normalization"), {"strategy": "MIN_MAX", "fixed_max": 4095}
-    )
+    body = with_value(MINIMAL_INFER, ("input_config", "normalization"), {"strategy": "MIN_MAX", "fixed_max": 4095})
     request = validate(body)
     normalization = request.input_config.normalization
     assert normalization.model_dump(exclude_none=True) == {"strategy": "min_max", "max": 4095.0}
@@ -814,9 +798,7 @@ def test_infer_normalization_keeps_unsent_fields_unset_across_a_reload() -> None
 def test_infer_normalization_bounds_are_checked_when_both_are_sent() -> None:
     bad = with_value(MINIMAL_INFER, ("input_config", "normalization"), {"min": 9, "max": 3})
     assert single_error(bad)["loc"] == ("input_config", "normalization", "max")
-    lengths = with_value(
-        MINIMAL_INFER, ("input_config",), {"num_channels": 2, "normalization": {"min": [0, 0, 0]}}
-    )
+    lengths = with_value(MINIMAL_INFER, ("input_config",), {"num_channels": 2, "normalization": {"min": [0, 0, 0]}})
     assert single_error(lengths)["loc"] == ("input_config", "normalization")
 
 
@@ -870,9 +852,7 @@ def test_layers_needs_architecture_and_encoder() -> None:
 
 @pytest.mark.parametrize("size", ["small", "medium", "large"])
 def test_freeze_recommendations_sizes(size: str) -> None:
-    request = validate(
-        {"kind": "freeze-recommendations", "dataset_size": size, "encoder": "resnet50_lunit-swav"}
-    )
+    request = validate({"kind": "freeze-recommendations", "dataset_size": size, "encoder": "resnet50_lunit-swav"})
     assert isinstance(request, FreezeRecommendationsRequest)
     assert (request.dataset_size, request.encoder) == (size, "resnet50_lunit-swav")
 

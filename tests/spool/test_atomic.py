@@ -113,11 +113,6 @@ def test_rename_claim_loses_when_the_source_is_gone(tmp_path: Path) -> None:
     assert not dst.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="atomic.py:85 confirms the claim with os.stat, which follows a symlink: a dangling symlink is "
-    "moved but reported as lost, so intake leaves it in tmp/ unprocessed (use os.lstat)",
-)
 def test_rename_claim_wins_for_a_dangling_symlink(tmp_path: Path) -> None:
     src, dst = tmp_path / "a.json", tmp_path / "b.json"
     os.symlink(tmp_path / "nowhere", src)

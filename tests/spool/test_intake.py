@@ -142,11 +142,6 @@ def test_an_oversized_file_is_too_large(layout: SpoolLayout, intake: Intake) -> 
     assert status["error"]["code"] == "E_TOO_LARGE"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="intake.py:120+177 a lone surrogate escape passes decode_request, then writing request.json raises "
-    "UnicodeEncodeError out of Intake.scan (the claim stays in tmp/ and recover_claims crashes again)",
-)
 def test_a_lone_surrogate_does_not_break_the_scan(layout: SpoolLayout, intake: Intake) -> None:
     publish(layout, "u1.json", b'{"kind": "health", "meta": {"a": "\\ud800"}}')
     intake.scan()
@@ -186,11 +181,6 @@ def test_a_symlink_is_rejected_unread(layout: SpoolLayout, intake: Intake, tmp_p
     assert target.read_text() == '{"kind": "health"}'
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="atomic.py:85 rename_claim stats the claimed symlink's target; a dangling symlink is moved to "
-    "tmp/ but reported lost, so it is neither rejected nor given a status until the next restart",
-)
 def test_a_dangling_symlink_is_rejected_unread(layout: SpoolLayout, intake: Intake, tmp_path: Path) -> None:
     os.symlink(tmp_path / "nowhere.json", layout.incoming / "l2.json")
     assert intake.scan().rejected == 1
@@ -225,9 +215,7 @@ ARTEFACTS = [
 ]
 
 
-def test_artefacts_and_temp_names_are_left_in_place_and_counted_once(
-    layout: SpoolLayout, intake: Intake
-) -> None:
+def test_artefacts_and_temp_names_are_left_in_place_and_counted_once(layout: SpoolLayout, intake: Intake) -> None:
     for name in ARTEFACTS:
         publish(layout, name, {"kind": "health"})
     first = intake.scan()

@@ -1,0 +1,34 @@
+# dlwatchd: every target bootstraps .venv on a fresh machine; `install` is quick once it is there.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint bench clean
+
+install: $(STAMP)
+
+# Reinstall only when the project's metadata changed (the package itself is installed editable).
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+run: install
+	$(BIN)/dlwatchd run
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check dlwatchd tests benchmarks
+	$(BIN)/ruff format --check dlwatchd tests benchmarks
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python benchmarks/pickup_latency.py
+	$(BIN)/python benchmarks/supervisor_footprint.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
