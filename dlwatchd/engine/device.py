@@ -58,6 +58,17 @@ def cpu_description() -> dict[str, Any]:
     }
 
 
+def device_summary() -> dict[str, Any]:
+    """The few fields a heartbeat carries: which device the workers use."""
+    kind = detect_device_type()
+    if kind == "cuda":
+        index = torch.cuda.current_device()
+        return {"device_type": "cuda", "device_string": f"cuda:{index}", "name": torch.cuda.get_device_name(index)}
+    if kind == "mps":
+        return {"device_type": "mps", "device_string": "mps", "name": "Apple Silicon (MPS)"}
+    return {"device_type": "cpu", "device_string": "cpu", "name": cpu_description()["cpu_name"]}
+
+
 def onnxruntime_providers() -> list[str]:
     try:
         import onnxruntime

@@ -316,6 +316,8 @@ class Supervisor:
         op = message.get("op")
         if message.get("memory") is not None:
             lane.memory = message["memory"]
+        if message.get("device") is not None:
+            lane.device = message["device"]
         if op == "ready":
             lane.ready = True
         elif op == "progress" and lane.job is not None:
@@ -435,7 +437,7 @@ class Supervisor:
             reason=self.reason,
             started_at=self.started_at,
             updated_at=utc_now(),
-            device=self.lanes["query"].memory,
+            device=next((lane.device for lane in self.lanes.values() if lane.device), None),
             queues={"queued": len(self.queue), "running": len(running), "paused": len(self.paused)},
             running_jobs=running,
             lanes={name: lane.describe() for name, lane in self.lanes.items()},

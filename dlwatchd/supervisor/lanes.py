@@ -42,6 +42,7 @@ class Lane:
     ready: bool = False
     job: RunningJob | None = None
     memory: dict[str, Any] | None = None
+    device: dict[str, Any] | None = None
     started_at: float = 0.0
     restarts: int = 0
     early_deaths: int = 0

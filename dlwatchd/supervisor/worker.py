@@ -70,9 +70,10 @@ def worker_main(conn: Connection, lane: str, plugins: list[str], warm: bool, log
 
     send({"op": "ready", "pid": os.getpid(), "memory": memory_snapshot()})
     if warm:
-        import torch  # noqa: F401  (loads the runtime before the first job arrives)
+        # Load the runtime now, before the first job arrives, and tell the supervisor what device it found.
+        from dlwatchd.engine.device import device_summary
 
-        send({"op": "warm", "memory": memory_snapshot()})
+        send({"op": "warm", "memory": memory_snapshot(), "device": device_summary()})
     while True:
         try:
             message = conn.recv()

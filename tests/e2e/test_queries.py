@@ -99,3 +99,14 @@ def test_status_files_of_a_spool_are_always_valid(daemon, client: SpoolClient, s
                 break
     assert seen == sorted(seen) and len(set(seen)) == len(seen)
     assert client.status(job).state.value == "succeeded"
+
+
+def test_the_supervisor_never_loads_torch(daemon, client: SpoolClient) -> None:
+    job = client.submit({"kind": "gpu"})  # makes the query worker load torch
+    wait_state(client, job, {"succeeded"}, timeout=60)
+    supervisor_maps = Path(f"/proc/{daemon.proc.pid}/maps")
+    if not supervisor_maps.exists():
+        return  # not Linux: nothing to read
+    assert "libtorch" not in supervisor_maps.read_text()
+    query_worker = daemon.worker_pids()["query"]
+    assert "libtorch" in Path(f"/proc/{query_worker}/maps").read_text()
