@@ -29,7 +29,7 @@ def measure(mode: str, requests: int) -> list[float]:
         latencies = []
         try:
             for index in range(requests):
-                time.sleep(random.uniform(0.05, 0.25))  # requests arrive at arbitrary moments
+                time.sleep(random.uniform(0.05, 2.0))  # arbitrary moments, relative to the 2 s rescan too
                 job_id = f"lat-{mode}-{index}"
                 temp = spool / "incoming" / f".{job_id}.tmp"
                 temp.write_bytes(b'{"kind": "health"}')
