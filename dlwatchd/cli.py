@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--watch", choices=["native", "polling"], help="filesystem events, or polling for network shares")
     run.add_argument("--rescan-interval", type=float, help="seconds between full rescans (default 2)")
+    run.add_argument("--http-port", type=int, help="serve the read-only HTTP shim on 127.0.0.1:PORT (off by default)")
 
     submit = commands.add_parser("submit", help="publish a request file into the spool")
     _add_spool(submit)
@@ -112,6 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "write_roots": args.write_roots,
         "watch": args.watch,
         "rescan_interval": args.rescan_interval,
+        "http_port": args.http_port,
     }
     try:
         settings = load_settings(config_file=args.config, overrides=overrides)

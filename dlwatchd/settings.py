@@ -29,6 +29,13 @@ def default_spool() -> Path:
     return Path(user_data_dir(APP_NAME, appauthor=False)) / "spool"
 
 
+def default_weights_dir() -> Path:
+    """The offline weights store inside the platform's per-user data directory."""
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir(APP_NAME, appauthor=False)) / "weights"
+
+
 def default_daemon_id() -> str:
     return f"{short_hostname()}-1"
 
@@ -65,6 +72,9 @@ class Settings(BaseModel):
     retention: Retention = Field(default_factory=Retention)
     plugins: list[str] = Field(default_factory=list, description="modules that register extra job kinds")
     warm_workers: bool = Field(True, description="load torch in each worker at start, before the first job")
+    weights_dir: Path = Field(default_factory=default_weights_dir, description="offline encoder weights store")
+    model_dirs: list[Path] = Field(default_factory=list, description="extra folders of models to list and run")
+    http_port: int | None = Field(None, ge=1, le=65535, description="localhost-only read-only HTTP shim")
 
     @field_validator("daemon_id")
     @classmethod
@@ -78,7 +88,12 @@ class Settings(BaseModel):
     def _absolute_spool(cls, value: Path) -> Path:
         return value.expanduser().absolute()
 
-    @field_validator("read_roots", "write_roots", mode="after")
+    @field_validator("weights_dir", mode="after")
+    @classmethod
+    def _absolute_weights_dir(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @field_validator("read_roots", "write_roots", "model_dirs", mode="after")
     @classmethod
     def _absolute_roots(cls, value: list[Path]) -> list[Path]:
         return [p.expanduser().absolute() for p in value]
@@ -90,6 +105,10 @@ class Settings(BaseModel):
 
     def effective_write_roots(self) -> list[Path]:
         return [self.spool, *self.write_roots]
+
+    def effective_model_dirs(self) -> list[Path]:
+        """The spool's models/ first (trainings publish there), then the configured model folders."""
+        return [self.spool / "models", *self.model_dirs]
 
 
 _ENV_FIELDS: dict[str, str] = {
@@ -104,8 +123,11 @@ _ENV_FIELDS: dict[str, str] = {
     "PLUGINS": "plugins",
     "WARM_WORKERS": "warm_workers",
     "STOP_TIMEOUT": "stop_timeout",
+    "WEIGHTS_DIR": "weights_dir",
+    "MODEL_DIRS": "model_dirs",
+    "HTTP_PORT": "http_port",
 }
-_LIST_FIELDS = {"read_roots", "write_roots", "plugins"}
+_LIST_FIELDS = {"read_roots", "write_roots", "model_dirs", "plugins"}
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

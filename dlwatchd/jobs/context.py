@@ -46,6 +46,8 @@ class JobContext:
     claim: Path
     read_roots: list[Path]
     write_roots: list[Path]
+    weights_dir: Path
+    model_dirs: list[Path]
     send: Callable[[dict[str, Any]], None] = field(default=lambda message: None)
     marker_poll_s: float = 0.2
     _last_poll: float = field(default=0.0, init=False)

@@ -81,6 +81,8 @@ def run_job(
         claim=claim,
         read_roots=[Path(p) for p in job["read_roots"]],
         write_roots=[Path(p) for p in job["write_roots"]],
+        weights_dir=Path(job["weights_dir"]),
+        model_dirs=[Path(p) for p in job["model_dirs"]],
         send=send,
     )
     ctx.log(f"started by {job['daemon']} (attempt {job['attempt']}, pid lane {job['lane']})")

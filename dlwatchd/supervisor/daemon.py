@@ -281,6 +281,8 @@ class Supervisor:
                     "lane": lane.name,
                     "read_roots": [str(p) for p in self.settings.effective_read_roots()],
                     "write_roots": [str(p) for p in self.settings.effective_write_roots()],
+                    "weights_dir": str(self.settings.weights_dir),
+                    "model_dirs": [str(p) for p in self.settings.effective_model_dirs()],
                 },
                 RunningJob(job_id, kind_name, str(claim), attempt),
             )
