@@ -21,8 +21,10 @@ LANES: tuple[Lane, ...] = ("train", "infer", "query")
 class JobKind:
     """One request kind.
 
-    `handler` is "module:function" run inside a worker of `lane`; None with `lane` None means the supervisor
-    answers it itself; None with a lane means the kind is not available in this version and is rejected.
+    `handler` is "module:function" run inside a worker of `lane`, or inside the supervisor when `lane` is
+    None (pure functions only: the supervisor never loads torch). No handler and no lane: the supervisor
+    answers the kind with its own state (health, gpu-clear). No handler with a lane: the kind is not
+    available in this version and is rejected.
     `on_interrupt` says what a restart does with a job whose run was cut short: run it again (at most
     `max_attempts` runs in all), resume it from its checkpoint, or fail it.
     """

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dlwatchd.jobs._registry import JobKind, KindRegistry
 from dlwatchd.protocol import requests as rq
 
-SUPERVISOR_KINDS = ("health", "gpu-clear")
+QUERIES = "dlwatchd.jobs.queries"
+CATALOG = "dlwatchd.jobs.catalog"
 
 
 def register_builtin_kinds(registry: KindRegistry) -> None:
@@ -16,13 +17,14 @@ def register_builtin_kinds(registry: KindRegistry) -> None:
         JobKind("infer-pixel", rq.InferPixelRequest, "infer", None),
         JobKind("gpu-clear", rq.GpuClearRequest, None, None, on_interrupt="fail", max_attempts=1),
         JobKind("health", rq.HealthRequest, None, None),
-        JobKind("gpu", rq.GpuRequest, "query", "dlwatchd.jobs.queries:run_gpu"),
-        JobKind("models", rq.ModelsRequest, "query", None),
-        JobKind("encoders", rq.EncodersRequest, "query", None),
-        JobKind("architectures", rq.ArchitecturesRequest, "query", None),
-        JobKind("encoder-info", rq.EncoderInfoRequest, "query", None),
-        JobKind("architecture-info", rq.ArchitectureInfoRequest, "query", None),
-        JobKind("layers", rq.LayersRequest, "query", None),
-        JobKind("freeze-recommendations", rq.FreezeRecommendationsRequest, "query", None),
+        JobKind("gpu", rq.GpuRequest, "query", f"{QUERIES}:run_gpu"),
+        JobKind("models", rq.ModelsRequest, "query", f"{QUERIES}:run_models"),
+        JobKind("layers", rq.LayersRequest, "query", f"{CATALOG}:run_layers"),
+        # Pure catalogue answers: the supervisor gives them itself, in microseconds, with no torch.
+        JobKind("encoders", rq.EncodersRequest, None, f"{CATALOG}:run_encoders"),
+        JobKind("architectures", rq.ArchitecturesRequest, None, f"{CATALOG}:run_architectures"),
+        JobKind("encoder-info", rq.EncoderInfoRequest, None, f"{CATALOG}:run_encoder_info"),
+        JobKind("architecture-info", rq.ArchitectureInfoRequest, None, f"{CATALOG}:run_architecture_info"),
+        JobKind("freeze-recommendations", rq.FreezeRecommendationsRequest, None, f"{CATALOG}:run_freeze_recommendations"),
     ):
         registry.register(kind)

@@ -14,3 +14,10 @@ def run_gpu(ctx: JobContext, request: BaseModel) -> dict[str, Any]:
     from dlwatchd.engine.device import device_info
 
     return device_info()
+
+
+def run_models(ctx: JobContext, request: BaseModel) -> dict[str, Any]:
+    """The `models` kind: the models in the spool's models/ and in the configured model folders."""
+    from dlwatchd.artifacts.model_store import list_models
+
+    return list_models(ctx.model_dirs).answer()

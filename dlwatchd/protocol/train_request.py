@@ -22,6 +22,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from dlwatchd.catalog.architectures import canonical_architecture_name, list_architectures
+from dlwatchd.errors import DlwatchdError
+
 # PROTOCOL.md section 3: strings are capped at 1 MiB (inline tile data is the one exception).
 MAX_STRING = 1_048_576
 # Normalization bounds are raw pixel units that end up in float32 arithmetic.
@@ -30,21 +33,13 @@ MAX_CHANNELS = 128
 # Channel indices point into the file, which may hold more channels than the model sees.
 MAX_CHANNEL_INDEX = 4095
 
-ARCHITECTURE_NAMES: tuple[str, ...] = (
-    "unet",
-    "unetplusplus",
-    "deeplabv3",
-    "deeplabv3plus",
-    "fpn",
-    "pspnet",
-    "manet",
-    "linknet",
-    "pan",
-    "upernet",
-    "segformer",
-    "dpt",
-)
-ARCHITECTURE_ALIASES: Mapping[str, str] = {"unet++": "unetplusplus", "deeplabv3+": "deeplabv3plus"}
+# smp 0.6 architectures the training schema has always accepted although the catalogue does not
+# expose them yet (ENGINE.md section 6.1, optional extras); kept so such requests still validate.
+EXTRA_ARCHITECTURE_NAMES: tuple[str, ...] = ("upernet", "segformer", "dpt")
+ARCHITECTURE_NAMES: tuple[str, ...] = (*(entry.name for entry in list_architectures()), *EXTRA_ARCHITECTURE_NAMES)
+ARCHITECTURE_ALIASES: Mapping[str, str] = {
+    alias: entry.name for entry in list_architectures() for alias in entry.aliases
+}
 TRAINING_ALIASES: Mapping[str, str] = {"patience": "early_stopping_patience", "loss_function": "loss"}
 NORMALIZATION_ALIASES: Mapping[str, str] = {"fixed_min": "min", "fixed_max": "max"}
 
@@ -133,14 +128,19 @@ def merge_training_blocks(data: Mapping[str, Any]) -> Mapping[str, Any]:
 def canonical_architecture(name: str) -> str:
     """Map an architecture name to its canonical lower-case form (aliases resolved).
 
-    Raises ValueError listing the accepted names when the name is unknown.
+    The catalogue resolves names; the extras are accepted on top. Raises ValueError listing the
+    accepted names when the name is unknown.
     """
     key = name.strip().lower()
-    key = ARCHITECTURE_ALIASES.get(key, key)
-    if key not in ARCHITECTURE_NAMES:
-        accepted = ", ".join([*ARCHITECTURE_NAMES, *ARCHITECTURE_ALIASES])
-        raise ValueError(f"unknown architecture {name!r}; accepted names: {accepted}")
-    return key
+    if key in EXTRA_ARCHITECTURE_NAMES:
+        return key
+    try:
+        return canonical_architecture_name(key)
+    except DlwatchdError:
+        names = [entry.name for entry in list_architectures()]
+        aliases = [alias for entry in list_architectures() for alias in entry.aliases]
+        accepted = ", ".join([*names, *EXTRA_ARCHITECTURE_NAMES, *aliases])
+        raise ValueError(f"unknown architecture {name!r}; accepted names: {accepted}") from None
 
 
 def _lower(value: Any) -> Any:

@@ -14,24 +14,28 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from dlwatchd import __version__
 from dlwatchd.errors import ErrorCode
+from dlwatchd.http.shim import HttpShim, ShimSource, open_shim
 from dlwatchd.jobs._registry import LANES, KindRegistry, build_registry
+from dlwatchd.jobs.runner import run_job
 from dlwatchd.protocol.status import DaemonCounters, DaemonHealth, JobState, utc_now
 from dlwatchd.settings import Settings
 from dlwatchd.spool import control, retention
 from dlwatchd.spool.claims import claim_queued, commit_terminal, own_claims, queued_ids
 from dlwatchd.spool.intake import Intake, IntakeReport
 from dlwatchd.spool.joblog import append_job_log
-from dlwatchd.spool.layout import SpoolLayout, short_hostname
+from dlwatchd.spool.layout import SpoolLayout
 from dlwatchd.spool.recovery import reconcile, take_over
 from dlwatchd.spool.status_file import StatusFile, read_status
 from dlwatchd.supervisor.gpu_clear import GpuClear
-from dlwatchd.supervisor.heartbeat import PeerWatch, write_heartbeat
+from dlwatchd.supervisor.heartbeat import PeerWatch, build_health, write_heartbeat
 from dlwatchd.supervisor.lanes import Lane, RunningJob
 from dlwatchd.watch.hints import HintWatcher, Wakeup
 
 logger = logging.getLogger("dlwatchd.supervisor")
+
+_MAX_LOOP_FAILURES = 20
+_DEVICE_PROBE_S = 5.0
 
 
 class Supervisor:
@@ -61,6 +65,10 @@ class Supervisor:
         self.last_full_scan: str | None = None
         self._stop = False
         self._interrupts = 0
+        self.last_health: dict[str, Any] | None = None
+        self.device_info: dict[str, Any] | None = None
+        self._device_asked = 0.0
+        self.shim: HttpShim | None = None
         now = time.monotonic()
         self._next_scan = now
         self._next_beat = now
@@ -72,6 +80,7 @@ class Supervisor:
         """Start, serve until SIGTERM/SIGINT, stop cleanly; raises DlwatchdError for an unusable spool."""
         self.layout.ensure()
         self._install_signal_handlers()
+        self._start_shim()
         for lane in self.lanes.values():
             lane.start()
         self._heartbeat()
@@ -88,11 +97,53 @@ class Supervisor:
             self.settings.rescan_interval,
         )
         try:
-            while not self._stop:
-                self.step()
+            self._serve()
         finally:
             self._shutdown()
         return 0
+
+    def _serve(self) -> None:
+        """Run the loop; a bug in one turn degrades the daemon instead of killing it (and its jobs' owner).
+
+        After many failing turns in a row the error is raised, so a service manager restarts the daemon
+        and restart reconciliation takes over.
+        """
+        failures = 0
+        while not self._stop:
+            try:
+                self.step()
+                failures = 0
+                if self.reason and self.reason.startswith("internal error"):
+                    self.reason = None
+            except Exception as exc:
+                failures += 1
+                self.reason = f"internal error in the supervisor loop: {type(exc).__name__}: {exc}"
+                logger.exception("supervisor loop failed (%d in a row)", failures)
+                if failures >= _MAX_LOOP_FAILURES:
+                    raise
+                time.sleep(min(5.0, 0.1 * 2**failures))
+
+    def _start_shim(self) -> None:
+        if self.settings.http_port is None:
+            return
+        source = ShimSource(
+            self.layout, lambda: self.last_health, lambda: self.device_info,
+            self.settings.effective_model_dirs(), self.settings.weights_dir,
+        )  # fmt: skip
+        self.shim, problem = open_shim(source, self.settings.http_port)
+        if problem:
+            self.reason = problem
+
+    def _probe_device(self) -> None:
+        """Keep the shim's device answer fresh: ask the idle query worker every few seconds."""
+        lane = self.lanes["query"]
+        now = time.monotonic()
+        if self.shim is None or not lane.idle or lane.conn is None or now - self._device_asked < _DEVICE_PROBE_S:
+            return
+        if self.gpu_clear is not None:
+            return
+        self._device_asked = now
+        lane.conn.send({"op": "device"})
 
     def request_stop(self) -> None:
         self._stop = True
@@ -121,6 +172,8 @@ class Supervisor:
         for lane in self.lanes.values():
             lane.stop(timeout=5.0)
         self.watcher.stop()
+        if self.shim is not None:
+            self.shim.stop()
         self._heartbeat()
         self.wakeup.close()
         logger.info("stopped")
@@ -146,6 +199,7 @@ class Supervisor:
             self._check_health()
             self._heartbeat()
             self._take_over_dead_peers()
+            self._probe_device()
         if now >= self._next_retention:
             self._next_retention = now + self.settings.retention.interval_s
             retention.sweep(self.layout, self.settings.retention)
@@ -268,27 +322,32 @@ class Supervisor:
             self.queue.remove(job_id)
             if claim is None:
                 continue  # another daemon was faster
-            status = read_status(self.layout.status_path(job_id))
-            attempt = status.attempt if status else 1
-            lane.run(
-                {
-                    "spool": str(self.layout.root),
-                    "job_id": job_id,
-                    "kind": kind_name,
-                    "claim": str(claim),
-                    "daemon": self.me,
-                    "attempt": attempt,
-                    "lane": lane.name,
-                    "read_roots": [str(p) for p in self.settings.effective_read_roots()],
-                    "write_roots": [str(p) for p in self.settings.effective_write_roots()],
-                    "weights_dir": str(self.settings.weights_dir),
-                    "model_dirs": [str(p) for p in self.settings.effective_model_dirs()],
-                },
-                RunningJob(job_id, kind_name, str(claim), attempt),
-            )
+            job = self._job_message(job_id, kind_name, claim, lane.name)
+            lane.run(job, RunningJob(job_id, kind_name, str(claim), job["attempt"]))
+
+    def _job_message(self, job_id: str, kind: str, claim: Path, lane: str) -> dict[str, Any]:
+        """Everything a runner needs to run one claimed job (it crosses the pipe to a worker)."""
+        status = read_status(self.layout.status_path(job_id))
+        return {
+            "spool": str(self.layout.root),
+            "job_id": job_id,
+            "kind": kind,
+            "claim": str(claim),
+            "daemon": self.me,
+            "attempt": status.attempt if status else 1,
+            "lane": lane,
+            "read_roots": [str(p) for p in self.settings.effective_read_roots()],
+            "write_roots": [str(p) for p in self.settings.effective_write_roots()],
+            "weights_dir": str(self.settings.weights_dir),
+            "model_dirs": [str(p) for p in self.settings.effective_model_dirs()],
+        }
 
     def _answer_locally(self, job_id: str, kind: str, claim: Path) -> None:
-        """Kinds the supervisor answers itself: health at once, gpu-clear as a multi-step operation."""
+        """Kinds the supervisor answers itself: pure catalogue handlers, health, and gpu-clear over many turns."""
+        if self.registry.get(kind).handler is not None:
+            state = run_job(self._job_message(job_id, kind, claim, "supervisor"), self.registry, lambda message: None)
+            self._finish(RunningJob(job_id, kind, str(claim), 1), state)
+            return
         writer = StatusFile(self.layout.status_path(job_id))
         writer.update(state=JobState.RUNNING, daemon=self.me)
         if kind == "gpu-clear":
@@ -324,6 +383,8 @@ class Supervisor:
             lane.ready = True
         elif op == "progress" and lane.job is not None:
             lane.job.progress = message.get("progress")
+        elif op == "device":
+            self.device_info = message.get("info")
         elif op == "memory" and self.gpu_clear is not None:
             self.gpu_clear.on_memory(lane.name, message.get("memory"))
         elif op == "done" and lane.job is not None:
@@ -424,37 +485,15 @@ class Supervisor:
             self.state = "degraded" if self.reason else "ready"
 
     def health(self) -> DaemonHealth:
-        running = [
-            {"job_id": lane.job.job_id, "kind": lane.job.kind, "lane": name, "progress": lane.job.progress}
-            for name, lane in self.lanes.items()
-            if lane.job is not None
-        ]
-        return DaemonHealth(
-            daemon_id=self.me,
-            beat=self.beat,
-            pid=os.getpid(),
-            host=short_hostname(),
-            version=__version__,
-            state=self.state,
-            reason=self.reason,
-            started_at=self.started_at,
-            updated_at=utc_now(),
-            device=next((lane.device for lane in self.lanes.values() if lane.device), None),
-            queues={"queued": len(self.queue), "running": len(running), "paused": len(self.paused)},
-            running_jobs=running,
-            lanes={name: lane.describe() for name, lane in self.lanes.items()},
-            watcher=self.watcher.mode,
-            watcher_alive=self.watcher.alive,
-            last_full_scan=self.last_full_scan,
-            rescan_interval_s=self.settings.rescan_interval,
-            counters=self.counters,
-        )
+        return build_health(self)
 
     def _heartbeat(self) -> None:
         self._next_beat = time.monotonic() + self.settings.heartbeat_interval
         self.beat += 1
+        health = self.health()
+        self.last_health = health.model_dump(mode="json")
         try:
-            write_heartbeat(self.layout, self.health())
+            write_heartbeat(self.layout, health)
         except OSError as exc:
             self.reason = f"cannot write the heartbeat: {exc.strerror}"
             logger.error(self.reason)

@@ -6,11 +6,16 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from dlwatchd.protocol.status import DaemonHealth
+from dlwatchd import __version__
+from dlwatchd.protocol.status import DaemonHealth, utc_now
 from dlwatchd.spool.atomic import write_json_atomic
 from dlwatchd.spool.heartbeat_view import read_heartbeat
-from dlwatchd.spool.layout import DAEMON_ID_RE, SpoolLayout
+from dlwatchd.spool.layout import DAEMON_ID_RE, SpoolLayout, short_hostname
+
+if TYPE_CHECKING:
+    from dlwatchd.supervisor.daemon import Supervisor
 
 logger = logging.getLogger("dlwatchd.heartbeat")
 
@@ -66,3 +71,32 @@ class PeerWatch:
         for gone in set(self._seen) - present:
             del self._seen[gone]
         return dead
+
+
+def build_health(sup: Supervisor) -> DaemonHealth:
+    """The supervisor's health as published in its heartbeat and answered to `health` requests."""
+    running = [
+        {"job_id": lane.job.job_id, "kind": lane.job.kind, "lane": name, "progress": lane.job.progress}
+        for name, lane in sup.lanes.items()
+        if lane.job is not None
+    ]
+    return DaemonHealth(
+        daemon_id=sup.me,
+        beat=sup.beat,
+        pid=os.getpid(),
+        host=short_hostname(),
+        version=__version__,
+        state=sup.state,  # type: ignore[arg-type]
+        reason=sup.reason,
+        started_at=sup.started_at,
+        updated_at=utc_now(),
+        device=next((lane.device for lane in sup.lanes.values() if lane.device), None),
+        queues={"queued": len(sup.queue), "running": len(running), "paused": len(sup.paused)},
+        running_jobs=running,
+        lanes={name: lane.describe() for name, lane in sup.lanes.items()},
+        watcher=sup.watcher.mode,  # type: ignore[arg-type]
+        watcher_alive=sup.watcher.alive,
+        last_full_scan=sup.last_full_scan,
+        rescan_interval_s=sup.settings.rescan_interval,
+        counters=sup.counters,
+    )

@@ -81,7 +81,11 @@ def worker_main(conn: Connection, lane: str, plugins: list[str], warm: bool, log
             return
         if message.get("op") == "stop":
             return
-        if message.get("op") == "memory":
+        if message.get("op") == "device":
+            from dlwatchd.engine.device import device_info
+
+            send({"op": "device", "info": device_info()})
+        elif message.get("op") == "memory":
             from dlwatchd.engine.device import memory_info, release_device_memory
 
             release_device_memory()

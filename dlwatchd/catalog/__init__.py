@@ -1,0 +1,1 @@
+"""The model catalogues: encoders, architectures, layer groups and freeze recommendations (data + pure functions)."""

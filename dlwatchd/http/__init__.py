@@ -1,0 +1,1 @@
+"""The optional, read-only, localhost-only HTTP shim for health, GPU, job and catalog queries."""
