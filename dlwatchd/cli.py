@@ -86,6 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a request file offline, as the daemon would")
     validate.add_argument("file", type=Path)
+
+    weights = commands.add_parser("weights", help="list or import pretrained encoder weights (offline store)")
+    weights_commands = weights.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
+    weights_list = weights_commands.add_parser("list", help="list the installed weights")
+    weights_list.add_argument("--json", action="store_true", help="machine-readable output")
+    weights_import = weights_commands.add_parser(
+        "import", help="verify a weights file or copied Hugging Face cache folder and store it"
+    )
+    weights_import.add_argument("name", help="encoder name, e.g. resnet34 or resnet50_lunit-swav")
+    weights_import.add_argument("file", type=Path, help=".safetensors, .pth/.pt/.bin, or a models--org--name folder")
+    weights_import.add_argument("--tag", choices=["imagenet", "histology"], help="default: the encoder's own tag")
+    for sub in (weights_list, weights_import):
+        sub.add_argument("--weights-dir", type=Path, help="weights store (default: $DLWATCHD_WEIGHTS_DIR or user data)")
     return parser
 
 
@@ -225,6 +238,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    from dlwatchd.settings import load_settings
+    from dlwatchd.weights_cli import import_weights, list_weights
+
+    weights_dir = load_settings(overrides={"weights_dir": args.weights_dir}).weights_dir
+    if args.weights_command == "list":
+        print(list_weights(weights_dir, as_json=args.json))
+    else:
+        print(import_weights(weights_dir, args.name, args.file, args.tag))
+    return EXIT_OK
+
+
 COMMANDS = {
     "run": cmd_run,
     "submit": cmd_submit,
@@ -236,6 +261,7 @@ COMMANDS = {
     "list": cmd_list,
     "schema": cmd_schema,
     "validate": cmd_validate,
+    "weights": cmd_weights,
 }
 
 

@@ -25,6 +25,8 @@ def register_builtin_kinds(registry: KindRegistry) -> None:
         JobKind("architectures", rq.ArchitecturesRequest, None, f"{CATALOG}:run_architectures"),
         JobKind("encoder-info", rq.EncoderInfoRequest, None, f"{CATALOG}:run_encoder_info"),
         JobKind("architecture-info", rq.ArchitectureInfoRequest, None, f"{CATALOG}:run_architecture_info"),
-        JobKind("freeze-recommendations", rq.FreezeRecommendationsRequest, None, f"{CATALOG}:run_freeze_recommendations"),
+        JobKind(
+            "freeze-recommendations", rq.FreezeRecommendationsRequest, None, f"{CATALOG}:run_freeze_recommendations"
+        ),
     ):
         registry.register(kind)
