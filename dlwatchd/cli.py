@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -99,14 +100,38 @@ def build_parser() -> argparse.ArgumentParser:
     weights_import.add_argument("--tag", choices=["imagenet", "histology"], help="default: the encoder's own tag")
     for sub in (weights_list, weights_import):
         sub.add_argument("--weights-dir", type=Path, help="weights store (default: $DLWATCHD_WEIGHTS_DIR or user data)")
+    service = commands.add_parser("service", help="install dlwatchd as a systemd or launchd service")
+    service_commands = service.add_subparsers(dest="service_command", metavar="ACTION", required=True)
+    for action, text in (("install", "render and write the unit (or plist)"), ("uninstall", "remove it")):
+        sub = service_commands.add_parser(action, help=text)
+        scope = sub.add_mutually_exclusive_group()
+        scope.add_argument("--user", dest="mode", action="store_const", const="user", help="a user service (default)")
+        scope.add_argument("--system", dest="mode", action="store_const", const="system", help="a system service")
+        sub.add_argument("--spool", type=Path, help="the spool the service serves (default: the platform default)")
+        sub.add_argument("--print", action="store_true", help="only print what would be written and run")
+        sub.set_defaults(mode="user")
     return parser
 
 
+class JournalFormatter(logging.Formatter):
+    """`<N>` syslog priority prefixes, which journald turns into real log levels."""
+
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = self.PRIORITIES.get(record.levelno, 6)
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
+
 def configure_logging(verbosity: int) -> None:
-    level = logging.WARNING - 10 * verbosity if verbosity else logging.INFO
-    logging.basicConfig(
-        level=max(logging.DEBUG, level), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    """One line per event on stderr; under systemd (JOURNAL_STREAM set) with `<N>` priority prefixes."""
+    level = max(logging.DEBUG, logging.INFO - 10 * verbosity)
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def _spool(args: argparse.Namespace) -> Path:
@@ -130,7 +155,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     }
     try:
         settings = load_settings(config_file=args.config, overrides=overrides)
-        return Supervisor(settings).run()
+        return Supervisor(
+            settings, reload_source=lambda: load_settings(config_file=args.config, overrides=overrides)
+        ).run()
     except DlwatchdError as error:
         print(f"dlwatchd: cannot start: {error.message}", file=sys.stderr)
         if error.hint:
@@ -250,6 +277,27 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_service(args: argparse.Namespace) -> int:
+    from dlwatchd.service import install, plan_install, uninstall
+
+    plan = plan_install(args.mode, args.spool.expanduser().absolute() if args.spool else None)
+    if args.service_command == "uninstall":
+        if args.print:
+            print(f"would remove {plan.path}; then run:\n  " + "\n  ".join(plan.disable))
+            return EXIT_OK
+        print("first run:\n  " + "\n  ".join(plan.disable))
+        removed = uninstall(plan)
+        print(f"{'removed' if removed else 'not installed:'} {plan.path}")
+        return EXIT_OK
+    if args.print:
+        print(f"# {plan.path}\n{plan.text}")
+        print("# then run:\n#   " + "\n#   ".join(plan.enable))
+        return EXIT_OK
+    install(plan)
+    print(f"wrote {plan.path}\nnow run:\n  " + "\n  ".join(plan.enable))
+    return EXIT_OK
+
+
 COMMANDS = {
     "run": cmd_run,
     "submit": cmd_submit,
@@ -262,6 +310,7 @@ COMMANDS = {
     "schema": cmd_schema,
     "validate": cmd_validate,
     "weights": cmd_weights,
+    "service": cmd_service,
 }
 
 

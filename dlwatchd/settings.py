@@ -67,7 +67,6 @@ class Settings(BaseModel):
     heartbeat_interval: float = Field(2.0, ge=0.1, le=60)
     dead_after: float = Field(30.0, ge=1, le=3600, description="seconds a heartbeat may stand still")
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
-    inference_attempts: int = Field(2, ge=1, le=10)
     stop_timeout: float = Field(60.0, ge=1, le=3600)
     retention: Retention = Field(default_factory=Retention)
     plugins: list[str] = Field(default_factory=list, description="modules that register extra job kinds")

@@ -92,7 +92,8 @@ def route(source: ShimSource, path: str, query: dict[str, list[str]]) -> Any:
         case ["pretrained", "architecture", name]:
             return architectures.architecture_answer(architectures.resolve_architecture(name))
         case ["pretrained", "freeze-recommendations", size]:
-            return freeze.freeze_recommendations(size, (query.get("encoder") or [None])[0])
+            encoder = query.get("encoder")
+            return freeze.freeze_recommendations(size, encoder[0] if encoder else None)
     raise _NotFound()
 
 

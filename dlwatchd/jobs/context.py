@@ -29,6 +29,10 @@ class JobPaused(Exception):
     """Raised by a handler after it wrote its checkpoint in answer to a pause marker."""
 
 
+class JobSuspended(Exception):
+    """Raised by a handler after it wrote its checkpoint because the daemon is stopping; it resumes later."""
+
+
 class JobFenced(Exception):
     """This daemon's claim on the job is gone (another daemon took it over): discard the work."""
 
@@ -49,6 +53,7 @@ class JobContext:
     weights_dir: Path
     model_dirs: list[Path]
     send: Callable[[dict[str, Any]], None] = field(default=lambda message: None)
+    suspend_requested: Callable[[], bool] = field(default=lambda: False)
     marker_poll_s: float = 0.2
     _last_poll: float = field(default=0.0, init=False)
     _cancel_seen: bool = field(default=False, init=False)

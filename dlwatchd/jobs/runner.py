@@ -12,12 +12,14 @@ from typing import Any
 
 from dlwatchd.errors import DlwatchdError, ErrorCode
 from dlwatchd.jobs._registry import KindRegistry, resolve_handler
-from dlwatchd.jobs.context import JobCancelled, JobContext, JobFenced, JobPaused
+from dlwatchd.jobs.context import JobCancelled, JobContext, JobFenced, JobPaused, JobSuspended
 from dlwatchd.protocol.status import ErrorInfo, JobState
 from dlwatchd.spool.layout import SpoolLayout
 from dlwatchd.spool.status_file import StatusFile
 
 logger = logging.getLogger("dlwatchd.runner")
+
+SUSPENDED = "suspended"  # not a protocol state: the job is queued again and resumes from its checkpoint
 
 
 def error_for_exception(exc: BaseException) -> DlwatchdError:
@@ -57,6 +59,7 @@ def run_job(
     job: dict[str, Any],
     registry: KindRegistry,
     send: Callable[[dict[str, Any]], None],
+    suspend: Callable[[], bool] = lambda: False,
 ) -> str:
     """Run the job described by `job` (from the supervisor) to its end; returns the state it ended in.
 
@@ -84,6 +87,7 @@ def run_job(
         weights_dir=Path(job["weights_dir"]),
         model_dirs=[Path(p) for p in job["model_dirs"]],
         send=send,
+        suspend_requested=suspend,
     )
     ctx.log(f"started by {job['daemon']} (attempt {job['attempt']}, pid lane {job['lane']})")
     try:
@@ -103,6 +107,13 @@ def run_job(
         status.update(state=JobState.PAUSED)
         ctx.log("paused")
         return JobState.PAUSED.value
+    except JobSuspended:
+        ctx.check_fence()
+        current = status.current
+        notes = [*(current.notes if current else []), "suspended_for_shutdown"]
+        status.update(state=JobState.QUEUED, daemon=None, notes=notes)
+        ctx.log("checkpointed and queued again: the daemon is stopping")
+        return SUSPENDED
     except JobFenced as exc:
         logger.warning("job %s: %s; its work is discarded", job_id, exc)
         return "fenced"

@@ -10,26 +10,27 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from dlwatchd.errors import ErrorCode
 from dlwatchd.http.shim import HttpShim, ShimSource, open_shim
 from dlwatchd.jobs._registry import LANES, KindRegistry, build_registry
-from dlwatchd.jobs.runner import run_job
+from dlwatchd.jobs.runner import SUSPENDED, run_job
 from dlwatchd.protocol.status import DaemonCounters, DaemonHealth, JobState, utc_now
 from dlwatchd.settings import Settings
 from dlwatchd.spool import control, retention
-from dlwatchd.spool.claims import claim_queued, commit_terminal, own_claims, queued_ids
+from dlwatchd.spool.claims import claim_queued, commit_terminal, queued_ids, release_to_queue
 from dlwatchd.spool.intake import Intake, IntakeReport
-from dlwatchd.spool.joblog import append_job_log
 from dlwatchd.spool.layout import SpoolLayout
-from dlwatchd.spool.recovery import reconcile, take_over
 from dlwatchd.spool.status_file import StatusFile, read_status
+from dlwatchd.supervisor import reconciling
 from dlwatchd.supervisor.gpu_clear import GpuClear
-from dlwatchd.supervisor.heartbeat import PeerWatch, build_health, write_heartbeat
+from dlwatchd.supervisor.heartbeat import PeerWatch, build_health, status_line, write_heartbeat
 from dlwatchd.supervisor.lanes import Lane, RunningJob
+from dlwatchd.supervisor.reload import reload_settings
+from dlwatchd.supervisor.sdnotify import Notifier
 from dlwatchd.watch.hints import HintWatcher, Wakeup
 
 logger = logging.getLogger("dlwatchd.supervisor")
@@ -41,8 +42,14 @@ _DEVICE_PROBE_S = 5.0
 class Supervisor:
     """One daemon on one spool. Build it in the CLI, then call `run()`; it returns the exit status."""
 
-    def __init__(self, settings: Settings, registry: KindRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: KindRegistry | None = None,
+        reload_source: Callable[[], Settings] | None = None,
+    ) -> None:
         self.settings = settings
+        self.reload_source = reload_source
         self.me = settings.daemon_id
         self.layout = SpoolLayout(settings.spool)
         self.registry = registry or build_registry(settings.plugins)
@@ -69,6 +76,9 @@ class Supervisor:
         self.device_info: dict[str, Any] | None = None
         self._device_asked = 0.0
         self.shim: HttpShim | None = None
+        self.notifier = Notifier()
+        self._next_ping = 0.0 if self.notifier.watchdog_s else float("inf")
+        self._reload = False
         now = time.monotonic()
         self._next_scan = now
         self._next_beat = now
@@ -85,10 +95,11 @@ class Supervisor:
             lane.start()
         self._heartbeat()
         self.watcher.start()
-        self._recover_own()
+        reconciling.recover_own(self)
         self._full_scan()
         self.state = "ready" if self.reason is None else "degraded"
         self._heartbeat()
+        self.notifier.ready(status_line(self))
         logger.info(
             "ready: spool %s, daemon %s, watcher %s, rescan every %.2f s",
             self.layout.root,
@@ -159,11 +170,20 @@ class Supervisor:
                 os._exit(130)  # a second Ctrl-C: the user wants out now
             self.request_stop()
 
+        def on_hup(signum: int, frame: Any) -> None:
+            self._reload = True
+            self.wakeup.ring()
+
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_int)
+        signal.signal(signal.SIGHUP, on_hup)
 
     def _shutdown(self) -> None:
         self.state = "stopping"
+        self.notifier.stopping("stopping: finishing running jobs, checkpointing trainings")
+        for lane in self.lanes.values():
+            if lane.suspend is not None:
+                lane.suspend.set()  # trainings checkpoint at their next batch and go back to the queue
         self._heartbeat()
         deadline = time.monotonic() + self.settings.stop_timeout
         while any(lane.job for lane in self.lanes.values()) and time.monotonic() < deadline:
@@ -174,6 +194,7 @@ class Supervisor:
         self.watcher.stop()
         if self.shim is not None:
             self.shim.stop()
+        self.notifier.close()
         self._heartbeat()
         self.wakeup.close()
         logger.info("stopped")
@@ -183,8 +204,11 @@ class Supervisor:
     def step(self) -> None:
         """One turn of the loop: wait for something, then handle all that is due."""
         now = time.monotonic()
-        timeout = max(0.0, min(self._next_scan, self._next_beat) - now)
+        timeout = max(0.0, min(self._next_scan, self._next_beat, self._next_ping) - now)
         self._wait(timeout)
+        if self._reload:
+            self._reload = False
+            reload_settings(self)
         self._read_lanes()
         self._restart_lanes()
         for hint in self.watcher.drain():
@@ -195,10 +219,13 @@ class Supervisor:
         if self.gpu_clear is not None and self.gpu_clear.advance():
             self.gpu_clear = None
         self._dispatch()
+        if now >= self._next_ping:
+            self._ping_watchdog(now)
         if now >= self._next_beat:
             self._check_health()
             self._heartbeat()
-            self._take_over_dead_peers()
+            self.notifier.status(status_line(self))
+            reconciling.take_over_dead_peers(self)
             self._probe_device()
         if now >= self._next_retention:
             self._next_retention = now + self.settings.retention.interval_s
@@ -217,7 +244,7 @@ class Supervisor:
         if directory == self.layout.incoming:
             self._run_intake()
         elif directory == self.layout.queued:
-            self._refresh_queue()
+            self.refresh_queue()
         elif directory.parent == self.layout.jobs:
             self._check_markers(directory.name)
 
@@ -233,31 +260,31 @@ class Supervisor:
         self.counters.rescans += 1
         self.last_full_scan = utc_now()
         self._run_intake()
-        self._refresh_queue()
+        self.refresh_queue()
         for job_id in [*self.queue, *self.paused]:
             self._check_markers(job_id)
-        self._adopt_orphans()
+        reconciling.adopt_orphans(self)
 
     def _run_intake(self) -> None:
         if self.reason and self.reason.startswith("spool folders"):
             return  # refuse to work in a spool whose folders were swapped out
         report = self.intake.scan()
-        self._count(report)
+        self.count(report)
         if report.accepted:
             for accepted in report.accepted:
                 self.kinds[accepted.job_id] = accepted.kind
                 self.watcher.watch_job(accepted.job_id)
-            self._refresh_queue()
+            self.refresh_queue()
 
-    def _count(self, report: IntakeReport) -> None:
+    def count(self, report: IntakeReport) -> None:
         self.counters.accepted += len(report.accepted)
         self.counters.rejected += report.rejected
         self.counters.ignored_files += report.ignored
 
-    def _refresh_queue(self) -> None:
+    def refresh_queue(self) -> None:
         self.queue = queued_ids(self.layout)
 
-    def _kind_of(self, job_id: str) -> str | None:
+    def kind_of(self, job_id: str) -> str | None:
         kind = self.kinds.get(job_id)
         if kind is None:
             status = read_status(self.layout.status_path(job_id))
@@ -274,25 +301,25 @@ class Supervisor:
             if outcome != "paused":
                 self.paused.discard(job_id)
                 if outcome == "cancelled":
-                    self._forget(job_id)
+                    self.forget(job_id)
                 else:
-                    self._refresh_queue()
+                    self.refresh_queue()
             return
         if job_id not in self.queue:
             return
         if self.layout.marker_path(job_id, "cancel").exists():
             if control.cancel_queued(self.layout, job_id, self.me):
-                self._forget(job_id)
-            self._refresh_queue()
+                self.forget(job_id)
+            self.refresh_queue()
             return
-        for marker in control.misplaced_markers(self.layout, job_id, self._kind_of(job_id)):
+        for marker in control.misplaced_markers(self.layout, job_id, self.kind_of(job_id)):
             if (job_id, marker) not in self.warned:
                 self.warned.add((job_id, marker))
                 StatusFile(self.layout.status_path(job_id)).warn(
                     "W_MARKER_IGNORED", f"The '{marker}' marker applies to trainings only and was ignored."
                 )
 
-    def _forget(self, job_id: str) -> None:
+    def forget(self, job_id: str) -> None:
         self.kinds.pop(job_id, None)
         self.watcher.unwatch_job(job_id)
         self.warned = {item for item in self.warned if item[0] != job_id}
@@ -303,7 +330,7 @@ class Supervisor:
         if self._stop or (self.reason and self.reason.startswith("spool folders")):
             return
         for job_id in list(self.queue):
-            kind_name = self._kind_of(job_id)
+            kind_name = self.kind_of(job_id)
             if kind_name is None or kind_name not in self.registry:
                 continue
             kind = self.registry.get(kind_name)
@@ -356,7 +383,7 @@ class Supervisor:
         writer.update(state=JobState.SUCCEEDED, result=self.health().model_dump(mode="json"))
         commit_terminal(self.layout, claim, job_id, "succeeded")
         self.counters.completed += 1
-        self._forget(job_id)
+        self.forget(job_id)
 
     # ---- lanes ------------------------------------------------------------------------------------
 
@@ -371,7 +398,7 @@ class Supervisor:
                     break
                 self._on_lane_message(lane, message)
             if lane.process is not None and not lane.process.is_alive():
-                self._on_worker_death(lane)
+                reconciling.on_worker_death(self, lane)
 
     def _on_lane_message(self, lane: Lane, message: dict[str, Any]) -> None:
         op = message.get("op")
@@ -396,27 +423,15 @@ class Supervisor:
             commit_terminal(self.layout, Path(job.claim), job.job_id, state)
             self.counters.completed += state == "succeeded"
             self.counters.failed += state == "failed"
-            self._forget(job.job_id)
+            self.forget(job.job_id)
         elif state == "paused":
             self.paused.add(job.job_id)
             self._check_markers(job.job_id)
+        elif state == SUSPENDED:
+            release_to_queue(self.layout, Path(job.claim), job.job_id)
         elif state == "fenced":
-            self._forget(job.job_id)
+            self.forget(job.job_id)
         logger.info("job %s (%s) ended %s", job.job_id, job.kind, state)
-
-    def _on_worker_death(self, lane: Lane) -> None:
-        job = lane.reap()
-        self.counters.worker_restarts += 1
-        if job is None:
-            return
-        append_job_log(self.layout.log_path(job.job_id), f"the {lane.name} worker died ({lane.last_error})")
-        outcome = reconcile(self.layout, self.registry, job.job_id, Path(job.claim), self.me, ErrorCode.WORKER_DIED)
-        logger.error("job %s: worker of lane %s died; %s", job.job_id, lane.name, outcome)
-        self.counters.failed += outcome == "failed"
-        if outcome == "requeued":
-            self._refresh_queue()
-        elif outcome != "paused":
-            self._forget(job.job_id)
 
     def _restart_lanes(self) -> None:
         if self._stop:
@@ -429,44 +444,6 @@ class Supervisor:
                 and not (self.gpu_clear is not None and self.gpu_clear.holds(lane.name))
             ):
                 lane.start()
-
-    # ---- recovery ---------------------------------------------------------------------------------
-
-    def _recover_own(self) -> None:
-        """After a restart: finish interrupted intakes, then reconcile every claim this daemon id holds."""
-        report = IntakeReport()
-        self.intake.recover_claims(self.me, report)
-        self._count(report)
-        for job_id, claim in own_claims(self.layout, self.me).items():
-            outcome = reconcile(self.layout, self.registry, job_id, claim, self.me, ErrorCode.INTERRUPTED)
-            if outcome == "paused":
-                self.paused.add(job_id)
-            logger.info("restart: job %s %s", job_id, outcome)
-
-    def _adopt_orphans(self) -> None:
-        """Claims under this daemon's name that no lane runs and that are not paused (should not happen)."""
-        busy = {lane.job.job_id for lane in self.lanes.values() if lane.job} | self.paused
-        if self.gpu_clear is not None:
-            busy.add(self.gpu_clear.job_id)
-        for job_id, claim in own_claims(self.layout, self.me).items():
-            if job_id not in busy:
-                outcome = reconcile(self.layout, self.registry, job_id, claim, self.me, ErrorCode.INTERRUPTED)
-                if outcome == "paused":
-                    self.paused.add(job_id)
-
-    def _take_over_dead_peers(self) -> None:
-        for dead in self.peers.dead_peers():
-            report = IntakeReport()
-            self.intake.recover_claims(dead, report)
-            self._count(report)
-            outcomes = take_over(self.layout, self.registry, dead, self.me)
-            for job_id, outcome in outcomes.items():
-                if outcome == "paused":
-                    self.paused.add(job_id)
-            if outcomes or report.accepted:
-                self.counters.takeovers += 1
-                logger.warning("took over from dead daemon %s: %s", dead, outcomes)
-                self._refresh_queue()
 
     # ---- health -----------------------------------------------------------------------------------
 
@@ -483,6 +460,16 @@ class Supervisor:
             self.reason = self.watcher.error
         if self.state in ("ready", "degraded"):
             self.state = "degraded" if self.reason else "ready"
+
+    def _ping_watchdog(self, now: float) -> None:
+        """WATCHDOG=1 only while healthy: the loop turns (we are here), the watcher lives, rescans are on time."""
+        assert self.notifier.watchdog_s is not None
+        self._next_ping = now + self.notifier.watchdog_s
+        rescans_on_time = (
+            now - (self._next_scan - self.settings.rescan_interval) < 3 * self.settings.rescan_interval + 1
+        )
+        if self.watcher.alive and rescans_on_time:
+            self.notifier.watchdog()
 
     def health(self) -> DaemonHealth:
         return build_health(self)

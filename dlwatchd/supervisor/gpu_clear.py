@@ -109,7 +109,7 @@ class GpuClear:
         return self.replied or time.monotonic() > self.deadline
 
     def _is_training(self, job_id: str) -> bool:
-        kind = self.sup._kind_of(job_id)
+        kind = self.sup.kind_of(job_id)
         return kind is not None and kind in self.sup.registry and self.sup.registry.get(kind).lane == "train"
 
     def _cancel_trainings(self) -> None:
@@ -130,7 +130,7 @@ class GpuClear:
         if running is not None:
             layout.marker_path(running.job_id, "cancel").touch()
             self.cancelled.append(running.job_id)
-        sup._refresh_queue()
+        sup.refresh_queue()
 
     def _recycle(self) -> None:
         for lane in self.sup.lanes.values():
@@ -147,7 +147,7 @@ class GpuClear:
                 )
             lane.memory = None
             lane.start()
-        self.sup._refresh_queue()
+        self.sup.refresh_queue()
 
     def _finish(self, memory_after: dict[str, Any]) -> None:
         result: dict[str, Any] = {

@@ -86,7 +86,7 @@ def build_health(sup: Supervisor) -> DaemonHealth:
         pid=os.getpid(),
         host=short_hostname(),
         version=__version__,
-        state=sup.state,  # type: ignore[arg-type]
+        state=sup.state,
         reason=sup.reason,
         started_at=sup.started_at,
         updated_at=utc_now(),
@@ -94,9 +94,28 @@ def build_health(sup: Supervisor) -> DaemonHealth:
         queues={"queued": len(sup.queue), "running": len(running), "paused": len(sup.paused)},
         running_jobs=running,
         lanes={name: lane.describe() for name, lane in sup.lanes.items()},
-        watcher=sup.watcher.mode,  # type: ignore[arg-type]
+        watcher=sup.watcher.mode,
         watcher_alive=sup.watcher.alive,
         last_full_scan=sup.last_full_scan,
         rescan_interval_s=sup.settings.rescan_interval,
         counters=sup.counters,
     )
+
+
+def status_line(sup: Supervisor) -> str:
+    """One line for the service manager: idle / what runs and how far / degraded and why."""
+    if sup.state == "degraded" and sup.reason:
+        return f"degraded: {sup.reason}"
+    parts = []
+    for lane in sup.lanes.values():
+        if lane.job is None:
+            continue
+        progress = lane.job.progress or {}
+        text = f"{lane.job.kind} job {lane.job.job_id}"
+        if progress.get("epoch") is not None and progress.get("total_epochs"):
+            text += f" epoch {progress['epoch']}/{progress['total_epochs']}"
+        elif isinstance(progress.get("fraction"), (int, float)):
+            text += f" {100 * progress['fraction']:.0f}%"
+        parts.append(text)
+    queued = f"; {len(sup.queue)} queued" if sup.queue else ""
+    return ("running " + ", ".join(parts) if parts else "idle") + queued

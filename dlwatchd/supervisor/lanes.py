@@ -48,6 +48,7 @@ class Lane:
     early_deaths: int = 0
     not_before: float = 0.0
     last_error: str | None = None
+    suspend: Any = None  # a multiprocessing Event: set at shutdown so a training checkpoints and yields
 
     @property
     def idle(self) -> bool:
@@ -61,9 +62,10 @@ class Lane:
         """Spawn the worker; it reports `ready` on its pipe."""
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe(duplex=True)
+        self.suspend = context.Event()
         process = context.Process(
             target=worker_main,
-            args=(child, self.name, self.plugins, self.warm, self.log_level),
+            args=(child, self.name, self.plugins, self.warm, self.log_level, self.suspend),
             name=f"dlwatchd-worker-{self.name}",
             daemon=True,
         )

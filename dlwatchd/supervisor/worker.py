@@ -57,7 +57,7 @@ def memory_snapshot() -> dict[str, Any] | None:
     return memory_info()
 
 
-def worker_main(conn: Connection, lane: str, plugins: list[str], warm: bool, log_level: int) -> None:
+def worker_main(conn: Connection, lane: str, plugins: list[str], warm: bool, log_level: int, suspend: Any) -> None:
     """Serve jobs from `conn` until told to stop or the supervisor goes away."""
     # Ctrl-C reaches the whole process group; only the supervisor decides when a worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -92,5 +92,5 @@ def worker_main(conn: Connection, lane: str, plugins: list[str], warm: bool, log
             send({"op": "memory", "memory": memory_info()})
         elif message.get("op") == "run":
             job = message["job"]
-            state = run_job(job, registry, send)
+            state = run_job(job, registry, send, suspend=suspend.is_set)
             send({"op": "done", "job_id": job["job_id"], "state": state, "memory": memory_snapshot()})

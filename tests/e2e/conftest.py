@@ -24,8 +24,11 @@ REPO = Path(__file__).resolve().parents[2]
 class Daemon:
     """One `dlwatchd run` subprocess; logs go to <spool>/../<id>.log."""
 
-    def __init__(self, spool: Path, daemon_id: str = "test-1", watch: str = "native", **env: str) -> None:
+    def __init__(
+        self, spool: Path, daemon_id: str = "test-1", watch: str = "native", args: tuple[str, ...] = (), **env: str
+    ) -> None:
         self.spool = spool
+        self.args = args
         self.daemon_id = daemon_id
         self.watch = watch
         self.env = env
@@ -55,6 +58,7 @@ class Daemon:
             self.watch,
             "--rescan-interval",
             str(rescan_interval),
+            *self.args,
         ]
         with open(self.log, "ab") as handle:
             self.proc = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
@@ -120,7 +124,7 @@ def make_daemon(spool: Path) -> Iterator[Any]:
 
     def factory(daemon_id: str = "test-1", watch: str = "native", start: bool = True, **kwargs: Any) -> Daemon:
         env = kwargs.pop("env", {})
-        instance = Daemon(spool, daemon_id, watch, **env)
+        instance = Daemon(spool, daemon_id, watch, kwargs.pop("args", ()), **env)
         made.append(instance)
         return instance.start(**kwargs) if start else instance
 

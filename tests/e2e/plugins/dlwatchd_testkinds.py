@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field
 
 from dlwatchd.jobs._registry import JobKind, KindRegistry
-from dlwatchd.jobs.context import JobContext, JobPaused
+from dlwatchd.jobs.context import JobContext, JobPaused, JobSuspended
 from dlwatchd.protocol.requests import RequestBase
 
 
@@ -69,6 +69,9 @@ def run_train_like(ctx: JobContext, request: TrainLikeRequest) -> dict:
         tmp = checkpoint.with_name(".checkpoint.tmp")
         tmp.write_text(json.dumps({"step": step + 1}))
         os.replace(tmp, checkpoint)
+        if ctx.suspend_requested() and step + 1 < request.steps:
+            ctx.progress(force=True, step=step + 1, steps=request.steps, fraction=(step + 1) / request.steps)
+            raise JobSuspended()
         pausing = ctx.marker("pause") and step + 1 < request.steps
         ctx.progress(force=pausing, step=step + 1, steps=request.steps, fraction=(step + 1) / request.steps)
         if pausing:
@@ -76,7 +79,19 @@ def run_train_like(ctx: JobContext, request: TrainLikeRequest) -> dict:
     return {"steps": request.steps, "resumed_from": start}
 
 
+class BlockRequest(RequestBase):
+    kind: Literal["test-block"] = "test-block"
+    seconds: float = Field(1.0, ge=0, le=60)
+
+
+def run_block(ctx: JobContext, request: BlockRequest) -> dict:
+    """Runs inside the supervisor (no lane): it blocks the supervisor's loop on purpose."""
+    time.sleep(request.seconds)
+    return {"blocked_s": request.seconds}
+
+
 def register_kinds(registry: KindRegistry) -> None:
+    registry.register(JobKind("test-block", BlockRequest, None, f"{__name__}:run_block"))
     registry.register(JobKind("test-sleep", SleepRequest, "infer", f"{__name__}:run_sleep"))
     registry.register(
         JobKind("test-train", TrainLikeRequest, "train", f"{__name__}:run_train_like", on_interrupt="resume")

@@ -1,0 +1,130 @@
+"""The path policy for untrusted request paths (PROTOCOL §8): absolute, POSIX, inside the allowed roots.
+
+Every path a request names (`data_path`, tile paths, `model_path`, `output_dir`) passes through here before
+anything is opened or created. Symlinks are followed while checking, so a link inside a root that points out
+of it is refused; the file finally read is opened without following a last-moment symlink
+(`open_regular_file`), so the file read is the file checked. A folder swapped for a symlink between the check
+and the open is not caught; the roots are meant to be folders other users cannot write to.
+
+Torch- and numpy-free: the supervisor validates paths at intake with these functions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+
+from dlwatchd.errors import DlwatchdError, ErrorCode
+
+# Longer than any real path (PATH_MAX is 4096 on Linux, 1024 on macOS); refused before touching the disk.
+MAX_PATH_CHARS = 4096
+# `C:` / `c:/...`: a Windows drive path is never meaningful on the daemon's POSIX filesystem.
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")
+_ROOTS_HINT = "Use a path inside the spool or a configured read/write root (--read-root, --write-root)."
+
+
+def _refuse(field: str, message: str, hint: str | None = None) -> DlwatchdError:
+    return DlwatchdError(ErrorCode.PATH_NOT_ALLOWED, message, hint=hint, field=field)
+
+
+def _shown(raw: str) -> str:
+    # The client's own text, quoted and shortened; never the resolved target of a symlink.
+    return repr(raw if len(raw) <= 200 else raw[:200] + "...")
+
+
+def _check_form(raw: object, field: str) -> str:
+    """The syntactic rules: a non-empty absolute POSIX path without NUL, `~`, backslashes or drive letters."""
+    if not isinstance(raw, str) or not raw:
+        raise _refuse(field, f"{field} must be a non-empty absolute path.", "Give the full path, starting with '/'.")
+    if "\x00" in raw:
+        raise _refuse(field, f"{field} contains a NUL byte, which no file name can hold.")
+    if len(raw) > MAX_PATH_CHARS:
+        raise _refuse(field, f"{field} is {len(raw)} characters long; the limit is {MAX_PATH_CHARS}.")
+    if raw.startswith("~"):
+        # Expanding `~` would resolve against the daemon user's home, not the client's.
+        raise _refuse(
+            field, f"{field} {_shown(raw)} starts with '~', which is not expanded.", "Give the full path instead."
+        )
+    if "\\" in raw or _DRIVE_RE.match(raw) or raw.startswith("//"):
+        raise _refuse(
+            field,
+            f"{field} {_shown(raw)} is a Windows or network (UNC) path; the daemon reads POSIX paths only.",
+            "Give the path as the daemon's machine sees it, for example /mnt/share/....",
+        )
+    if not raw.startswith("/"):
+        raise _refuse(
+            field,
+            f"{field} {_shown(raw)} is a relative path; paths must be absolute.",
+            "Give the full path, starting with '/'.",
+        )
+    return raw
+
+
+def _inside(target: str, roots: list[Path]) -> bool:
+    resolved = Path(target)
+    return any(resolved.is_relative_to(os.path.realpath(root)) for root in roots)
+
+
+def resolve_read_path(raw: str, roots: list[Path], *, field: str) -> Path:
+    """The real path (symlinks followed) of `raw`, which must lie inside one of `roots`.
+
+    Raises DlwatchdError(E_PATH_NOT_ALLOWED, field=field) for NUL bytes, `~`, Windows/UNC forms, relative paths
+    and anything whose real path is outside every root. A missing path is not an error here.
+    """
+    checked = _check_form(raw, field)
+    target = os.path.realpath(checked)
+    if not _inside(target, roots):
+        raise _refuse(field, f"{field} {_shown(raw)} is outside the allowed folders.", _ROOTS_HINT)
+    return Path(target)
+
+
+def resolve_write_dir(raw: str, roots: list[Path], *, field: str) -> Path:
+    """The real path of an output folder that may not exist yet; it must lie inside one of `roots`.
+
+    The nearest existing ancestor is resolved (symlinks followed) and the missing rest appended, so a link
+    anywhere on the way out of a root is refused. Same errors as `resolve_read_path`; creating the folder and
+    checking that it is a folder are the caller's business.
+    """
+    checked = _check_form(raw, field)
+    # realpath (non-strict) resolves the existing prefix and appends missing components lexically, so
+    # `missing/../..` cannot climb out unnoticed; it also never raises for absent paths.
+    target = os.path.realpath(checked)
+    if not _inside(target, roots):
+        raise _refuse(field, f"{field} {_shown(raw)} is outside the allowed folders.", _ROOTS_HINT)
+    return Path(target)
+
+
+def open_regular_file(path: Path) -> int:
+    """Open `path` read-only without following a final symlink; returns the fd (the caller closes it).
+
+    Raises E_PATH_NOT_ALLOWED if the last component is a symlink (swapped in after the path check),
+    E_NOT_FOUND if it is missing, E_PERMISSION if unreadable, E_IMAGE_READ if it is not a regular file
+    (folder, FIFO, device) or cannot be opened for another reason.
+    """
+    # O_NONBLOCK keeps a FIFO planted under an image's name from blocking the worker in open().
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise DlwatchdError(ErrorCode.NOT_FOUND, f"The file {path} does not exist.") from None
+    except PermissionError:
+        raise DlwatchdError(ErrorCode.PERMISSION, f"The daemon may not read the file {path}.") from None
+    except OSError as exc:
+        if os.path.islink(path):
+            raise DlwatchdError(
+                ErrorCode.PATH_NOT_ALLOWED,
+                f"The file {path} is a symbolic link; links are not followed when files are opened.",
+                hint="Replace the link with the file itself.",
+            ) from None
+        raise DlwatchdError(ErrorCode.IMAGE_READ, f"The file {path} cannot be opened: {exc.strerror}.") from None
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        os.close(fd)
+        raise DlwatchdError(ErrorCode.IMAGE_READ, f"The file {path} cannot be examined: {exc.strerror}.") from None
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise DlwatchdError(ErrorCode.IMAGE_READ, f"{path} is not a regular file.")
+    return fd
