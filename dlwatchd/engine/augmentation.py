@@ -80,6 +80,10 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.as_subclass(torch.Tensor)
 
 
+def _flip(kernel: Any, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _plain(kernel(tv_tensors.Image(image))), _plain(kernel(tv_tensors.Mask(mask)))
+
+
 def _reflect(coords: torch.Tensor, size: int) -> torch.Tensor:
     """Mirror continuous coordinates (pixel i spans [i, i+1)) about the tile edges, then keep them on pixel centres.
 
@@ -132,14 +136,15 @@ def _gaussian_taps(sigma: float, radius: int) -> torch.Tensor:
 
 
 def _smooth_noise(generator: torch.Generator, height: int, width: int) -> torch.Tensor:
-    """Two fields (dx, dy) of U(−1, 1) noise smoothed by a Gaussian of σ = 6 px, shaped 2×H×W, float64.
+    """Two fields (dx, dy) of U(−1, 1) noise smoothed by a Gaussian of σ = 6 px, shaped 2×H×W.
 
     The noise is drawn with a margin of the kernel radius and convolved without padding, so the field is equally
     smooth at the tile border as inside and tiles of any size work.
     """
     radius = math.ceil(3 * _ELASTIC_SIGMA)
-    noise = torch.rand((2, 1, height + 2 * radius, width + 2 * radius), generator=generator, dtype=torch.float64)
-    taps = _gaussian_taps(_ELASTIC_SIGMA, radius)
+    # float32: CPU conv2d is about ten times slower in float64, and the field needs no such precision.
+    noise = torch.rand((2, 1, height + 2 * radius, width + 2 * radius), generator=generator)
+    taps = _gaussian_taps(_ELASTIC_SIGMA, radius).to(torch.float32)
     smooth = nnf.conv2d(noise * 2 - 1, taps.view(1, 1, 1, -1))
     smooth = nnf.conv2d(smooth, taps.view(1, 1, -1, 1))
     return smooth[:, 0]
@@ -160,13 +165,24 @@ def _grid_axis(generator: torch.Generator, size: int) -> torch.Tensor:
     return knots[cell] + fraction * (knots[cell + 1] - knots[cell])
 
 
+# Devillard's 19 compare-exchange network: after it, slot 4 holds the median of 9 values.
+_MEDIAN9 = ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3), (5, 8), (4, 7), (3, 6),
+            (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2))  # fmt: skip
+
+
 def _median3(image: torch.Tensor) -> torch.Tensor:
-    """3×3 median per channel, border replicated; one channel at a time bounds the 9× patch memory."""
+    """3×3 median per channel, border replicated (as OpenCV's medianBlur).
+
+    A min/max network over nine shifted views avoids a 9× patch tensor; one channel at a time bounds memory.
+    """
+    height, width = image.shape[-2:]
     planes = []
     for plane in image:
         padded = nnf.pad(plane[None, None], (1, 1, 1, 1), mode="replicate")[0, 0]
-        patches = padded.unfold(0, 3, 1).unfold(1, 3, 1)
-        planes.append(patches.reshape(*plane.shape, 9).median(dim=-1).values)
+        v = [padded[i : i + height, j : j + width] for i in range(3) for j in range(3)]
+        for a, b in _MEDIAN9:
+            v[a], v[b] = torch.minimum(v[a], v[b]), torch.maximum(v[a], v[b])
+        planes.append(v[4])
     return torch.stack(planes)
 
 
@@ -182,7 +198,8 @@ class TrainAugmentation:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return a new augmented (image, mask) pair with the input dtypes and shapes; inputs are not modified.
 
-        All randomness comes from `generator`. Raises DlwatchdError(E_INTERNAL) when the shapes do not pair up.
+        All randomness comes from `generator` (a CPU generator, as sample_generator makes).
+        Raises DlwatchdError(E_INTERNAL) when the shapes do not pair up.
         """
         if image.ndim != 3 or mask.shape != image.shape[-2:]:
             raise DlwatchdError(
@@ -191,9 +208,9 @@ class TrainAugmentation:
         cfg, g = self.config, generator
         image, mask = image.clone(), mask.clone()
         if _chance(g, cfg.p_flip):
-            image, mask = _plain(F.horizontal_flip(tv_tensors.Image(image))), _plain(F.horizontal_flip(mask))
+            image, mask = _flip(F.horizontal_flip, image, mask)
         if _chance(g, cfg.p_flip):
-            image, mask = _plain(F.vertical_flip(tv_tensors.Image(image))), _plain(F.vertical_flip(mask))
+            image, mask = _flip(F.vertical_flip, image, mask)
         if _chance(g, cfg.p_rotate):
             image, mask = self._rotate_quarter(image, mask, g)
         if _chance(g, 0.5 * cfg.p_rotate):
@@ -210,7 +227,8 @@ class TrainAugmentation:
             sigma = _uniform(g, 0.04, 0.2)
             noise = torch.randn(image.shape, generator=g, dtype=torch.float32)
             image = image + noise.to(image.device) * sigma
-        return image, mask
+        # Quarter turns leave strided views; collation and pinning are cheaper on contiguous memory.
+        return image.contiguous(), mask.contiguous()
 
     def _rotate_quarter(
         self, image: torch.Tensor, mask: torch.Tensor, g: torch.Generator
@@ -233,9 +251,11 @@ class TrainAugmentation:
         src_y = height / 2 + u * math.sin(angle) + v * math.cos(angle)
         return _remap(image, mask, src_x, src_y, self.unlabeled_index)
 
-    def _elastic(self, image: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _elastic(
+        self, image: torch.Tensor, mask: torch.Tensor, g: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = image.shape[-2:]
-        field = _smooth_noise(g, height, width).to(image.device) * _ELASTIC_ALPHA
+        field = _smooth_noise(g, height, width).to(image.device, torch.float64) * _ELASTIC_ALPHA
         xs, ys = _pixel_centres(height, width, image.device)
         return _remap(image, mask, xs + field[0], ys + field[1], self.unlabeled_index)
 

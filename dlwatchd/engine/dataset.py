@@ -83,7 +83,12 @@ def _refuse_link(path: Path, root: Path) -> None:
 
 def _list_images(images_dir: Path, root: Path) -> dict[str, Path]:
     by_stem: dict[str, Path] = {}
-    for entry in sorted(os.scandir(images_dir), key=lambda e: e.name):
+    try:
+        entries = sorted(os.scandir(images_dir), key=lambda e: e.name)
+    except OSError as exc:
+        code = ErrorCode.PERMISSION if isinstance(exc, PermissionError) else ErrorCode.NOT_FOUND
+        raise DlwatchdError(code, f"The folder {images_dir} cannot be listed: {exc.strerror}.") from None
+    for entry in entries:
         # Hidden files include the `._*` resource forks macOS leaves on shared drives.
         if entry.name.startswith(".") or os.path.splitext(entry.name)[1].lower() not in IMAGE_SUFFIXES:
             continue

@@ -122,7 +122,9 @@ def _decode_tiff(fh: BinaryIO, name: str, max_pixels: int, expected_channels: in
     import tifffile
 
     try:
-        with tifffile.TiffFile(fh) as tif:
+        # A name keeps tifffile from using the fd number as one; _multifile=False stops OME-XML in an untrusted
+        # file from making tifffile open other files by name.
+        with tifffile.TiffFile(fh, name=os.path.basename(name), _multifile=False) as tif:
             if not tif.series:
                 raise ValueError("the file holds no image")
             series = tif.series[0]  # level 0 of a pyramid is the series itself
@@ -142,13 +144,18 @@ def _decode_tiff(fh: BinaryIO, name: str, max_pixels: int, expected_channels: in
 
 
 @contextmanager
-def _pillow_limit(max_pixels: int) -> Iterator[None]:
-    """Let Pillow's own bomb check use `max_pixels` for one `Image.open`, then restore the global."""
+def _pillow_unlimited() -> Iterator[None]:
+    """Switch off Pillow's global bomb check for one `Image.open`, then restore it for other code.
+
+    `Image.open` reads only the header; `_check_size` runs right after it, before any pixel is decoded, with
+    this reader's limit and a message naming the size. Pillow's own default (about 179 M pixels, an error
+    only above twice its global) would otherwise refuse images `max_pixels` allows, with another message.
+    """
     from PIL import Image
 
     with _PILLOW_LIMIT_LOCK:
         saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = max_pixels
+        Image.MAX_IMAGE_PIXELS = None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -161,7 +168,7 @@ def _decode_pillow(fh: BinaryIO, name: str, fmt: str, max_pixels: int, palette_i
     from PIL import Image
 
     try:
-        with _pillow_limit(max_pixels):
+        with _pillow_unlimited():
             image = Image.open(fh, formats=[fmt])
         with image:
             width, height = image.size
@@ -177,10 +184,9 @@ def _decode_pillow(fh: BinaryIO, name: str, fmt: str, max_pixels: int, palette_i
             if mode in ("P", "PA") and not palette_indices:
                 # Palette images are colours to a network; masks keep the indices (the class numbers).
                 rgba = mode == "PA" or "transparency" in image.info
-                image = image.convert("RGBA" if rgba else "RGB")
-            pixels = np.asarray(image)
-    except Image.DecompressionBombError as exc:
-        raise DlwatchdError(ErrorCode.IMAGE_TOO_LARGE, f"The image {name} is too large: {exc}") from None
+                pixels = np.asarray(image.convert("RGBA" if rgba else "RGB"))
+            else:
+                pixels = np.asarray(image)
     except DlwatchdError:
         raise
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for damaged files
@@ -205,7 +211,8 @@ def _decode(
 
 
 def _to_float(decoded: _Decoded, name: str) -> np.ndarray:
-    pixels = np.array(decoded.pixels, dtype=np.float32)  # always a fresh, writable, C-ordered copy
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, reported just below
+        pixels = np.array(decoded.pixels, dtype=np.float32)  # always a fresh, writable, C-ordered copy
     if decoded.pixels.dtype.kind == "f":
         # Checked after the cast: float64 values beyond float32's range become inf too.
         bad = np.count_nonzero(~np.isfinite(pixels))

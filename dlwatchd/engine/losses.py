@@ -68,6 +68,8 @@ def build_loss(
 class _LabeledLoss(torch.nn.Module):
     """Shared plumbing: the float32 cast, the labeled mask, per-pixel class weights and the weighted mean."""
 
+    class_weights: torch.Tensor
+
     def __init__(self, *, num_classes: int, class_weights: list[float] | None, ignore_index: int) -> None:
         super().__init__()
         self.num_classes = num_classes

@@ -213,8 +213,8 @@ class Normalizer:
         strategy = self.config.strategy
         if strategy == "percentile_99":
             p = self.config.clip_percentile
-            lo, hi = np.percentile(sample, [100.0 - p, p])
-            return float(lo), float(hi)
+            # One scalar q per call, as the reference: a list of q would promote float32 data to float64 results.
+            return float(np.percentile(sample, 100.0 - p)), float(np.percentile(sample, p))
         if strategy == "min_max":
             return float(sample.min()), float(sample.max())
         return float(sample.mean(dtype=np.float64)), float(sample.std(dtype=np.float64))
@@ -291,7 +291,7 @@ class _Accumulator:
             self._sample(columns_by_rows)
 
     def _sample(self, columns_by_rows: np.ndarray) -> None:
-        keys = self._rng.random(columns_by_rows.shape[1], dtype=np.float32)
+        keys = self._rng.random((columns_by_rows.shape[1],), dtype=np.float32)
         chosen = keys < self._threshold
         self._keys = np.concatenate([self._keys, keys[chosen]])
         self._values = np.concatenate([self._values, columns_by_rows[:, chosen]], axis=1)
@@ -312,7 +312,7 @@ class _Accumulator:
     def percentiles(self, q: list[float]) -> np.ndarray:
         """Percentiles per column from the sample, shaped (m, len(q)); numpy's default linear interpolation."""
         self._compact()
-        return np.stack([np.percentile(column, q) for column in self._values])
+        return np.array([[np.percentile(column, one) for one in q] for column in self._values], dtype=np.float64)
 
 
 def _accumulate(images: Iterable[np.ndarray], joint: bool, limit: int, keep_sample: bool, seed: int) -> _Accumulator:

@@ -144,21 +144,21 @@ def rebuild_onecycle(
     *,
     steps_done: int,
     epochs: int,
-    start_epoch: int,
     batches_per_epoch: int,
     scheduler_state: dict[str, Any] | None,
     batch_in_epoch: int = 0,
 ) -> tuple[OneCycleLR, ScheduleSpec]:
     """A OneCycleLR over `steps_done` + the remaining steps, positioned at `steps_done` (§10.4).
 
-    `epochs` is the (possibly new) total, `start_epoch` the 0-based epoch the run resumes at, `batch_in_epoch` the
-    batches of that epoch already done when it continues mid-epoch (0 when it restarts). When `scheduler_state`
+    `epochs` counts the epochs still to run, the resumed one included (new total − 0-based resume epoch);
+    `batch_in_epoch` the batches of that epoch already done when it continues mid-epoch (0 when it restarts, and
+    then those abandoned steps stay in `steps_done`, as the optimizer really took them). When `scheduler_state`
     describes exactly this total and position it is loaded as is; otherwise the schedule is rebuilt and fast-forwarded.
     Raises ValueError for a non-OneCycle spec or when no step remains.
     """
     if spec.name != "onecycle":
         raise ValueError(f"rebuild_onecycle needs a onecycle schedule, not {spec.name!r}")
-    remaining = (epochs - start_epoch) * batches_per_epoch - batch_in_epoch
+    remaining = epochs * batches_per_epoch - batch_in_epoch
     if remaining < 1 or steps_done < 0:
         raise ValueError(f"no OneCycle step left: {steps_done} done, {remaining} remaining")
     total = steps_done + remaining
@@ -176,7 +176,7 @@ def rebuild_onecycle(
     return scheduler, new_spec
 
 
-def _reapply(scheduler: LRScheduler, compute: Callable[[], list[float]]) -> None:
+def _reapply(scheduler: LRScheduler, compute: Callable[[], list[Any]]) -> None:
     """Write the lrs `compute` gives for the scheduler's current position into the groups and `_last_lr`."""
     # get_lr() outside step() only warns that get_last_lr() exists; here the recomputation is the point.
     with warnings.catch_warnings():

@@ -49,9 +49,8 @@ class EarlyStopping:
         return value > self.best_value + delta
 
     def update(self, epoch: int, value: float | None) -> bool:
-        """Account for `epoch` (the caller's numbering, 0-based in the engine) with `value`; True when it is the new best."""
-        finite = value is not None and math.isfinite(value)
-        if finite and self._improves(float(value)):
+        """Account for `epoch` (0-based in the engine) with `value`; True when it is the new best."""
+        if value is not None and math.isfinite(value) and self._improves(float(value)):
             self.best_value = float(value)
             self.best_epoch = epoch
             self.counter = 0

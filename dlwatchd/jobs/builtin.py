@@ -12,7 +12,7 @@ CATALOG = "dlwatchd.jobs.catalog"
 def register_builtin_kinds(registry: KindRegistry) -> None:
     """Register every protocol kind; a kind whose engine is not in this version has no handler."""
     for kind in (
-        JobKind("train", rq.TrainRequest, "train", None, on_interrupt="resume"),
+        JobKind("train", rq.TrainRequest, "train", "dlwatchd.jobs.train:run_train", on_interrupt="resume"),
         JobKind("infer", rq.InferRequest, "infer", None),
         JobKind("infer-pixel", rq.InferPixelRequest, "infer", None),
         JobKind("gpu-clear", rq.GpuClearRequest, None, None, on_interrupt="fail", max_attempts=1),

@@ -380,6 +380,10 @@ class TrainingParams(AliasedModel):
     num_workers: int = Field(default=0, ge=0, le=32)
     checkpoint_every_epochs: int = Field(default=1, ge=0, le=10000)
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:[0-9]{1,3}|mps)$")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="auto: bf16 autocast where the device computes bf16 natively (CUDA AMP, CPUs with AVX512-BF16/AMX), else fp32",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -392,3 +396,14 @@ class TrainingParams(AliasedModel):
         if weights is not None and not any(weight > 0 for weight in weights):
             raise ValueError("class_weights must not all be zero")
         return weights
+
+
+class ResumeOverrides(BaseModel):
+    """jobs/<id>/resume.json: what a paused training may change when it resumes (ENGINE.md section 10.4)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int | None = Field(default=None, ge=1, le=10000)
+    learning_rate: float | None = Field(default=None, gt=0.0, le=10.0, allow_inf_nan=False)
+    batch_size: int | None = Field(default=None, ge=1, le=1024)
+    data_path: str | None = Field(default=None, min_length=1, max_length=4096)

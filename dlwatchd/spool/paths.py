@@ -62,9 +62,14 @@ def _check_form(raw: object, field: str) -> str:
     return raw
 
 
-def _inside(target: str, roots: list[Path]) -> bool:
-    resolved = Path(target)
-    return any(resolved.is_relative_to(os.path.realpath(root)) for root in roots)
+def _resolve(raw: str, roots: list[Path], field: str) -> Path:
+    checked = _check_form(raw, field)
+    # realpath (non-strict) follows every existing link and appends missing components lexically, so neither
+    # a link on the way nor `missing/../..` can leave a root unnoticed; it never raises for absent paths.
+    target = Path(os.path.realpath(checked))
+    if not any(target.is_relative_to(os.path.realpath(root)) for root in roots):
+        raise _refuse(field, f"{field} {_shown(raw)} is outside the allowed folders.", _ROOTS_HINT)
+    return target
 
 
 def resolve_read_path(raw: str, roots: list[Path], *, field: str) -> Path:
@@ -73,11 +78,7 @@ def resolve_read_path(raw: str, roots: list[Path], *, field: str) -> Path:
     Raises DlwatchdError(E_PATH_NOT_ALLOWED, field=field) for NUL bytes, `~`, Windows/UNC forms, relative paths
     and anything whose real path is outside every root. A missing path is not an error here.
     """
-    checked = _check_form(raw, field)
-    target = os.path.realpath(checked)
-    if not _inside(target, roots):
-        raise _refuse(field, f"{field} {_shown(raw)} is outside the allowed folders.", _ROOTS_HINT)
-    return Path(target)
+    return _resolve(raw, roots, field)
 
 
 def resolve_write_dir(raw: str, roots: list[Path], *, field: str) -> Path:
@@ -87,13 +88,7 @@ def resolve_write_dir(raw: str, roots: list[Path], *, field: str) -> Path:
     anywhere on the way out of a root is refused. Same errors as `resolve_read_path`; creating the folder and
     checking that it is a folder are the caller's business.
     """
-    checked = _check_form(raw, field)
-    # realpath (non-strict) resolves the existing prefix and appends missing components lexically, so
-    # `missing/../..` cannot climb out unnoticed; it also never raises for absent paths.
-    target = os.path.realpath(checked)
-    if not _inside(target, roots):
-        raise _refuse(field, f"{field} {_shown(raw)} is outside the allowed folders.", _ROOTS_HINT)
-    return Path(target)
+    return _resolve(raw, roots, field)
 
 
 def open_regular_file(path: Path) -> int:

@@ -164,3 +164,9 @@ def step_of(client: SpoolClient, job_id: str) -> int:
     """The `step` a test job last reported (0 before its first progress write)."""
     status = client.status(job_id)
     return int(((status.progress if status else None) or {}).get("step", 0))
+
+
+def epoch_of(client: SpoolClient, job_id: str) -> int:
+    """The last completed epoch a training reported (0 before the first one ends or before pickup)."""
+    status = client.status(job_id)
+    return int(((status.progress if status else None) or {}).get("epoch") or 0)

@@ -75,22 +75,36 @@ def test_focal_with_gamma_zero_equals_ce_exactly_in_value_and_gradient() -> None
     assert torch.equal(results[0][1], results[1][1])
 
 
-def test_focal_with_gamma_two_equals_a_literal_transcription() -> None:
+def test_focal_with_gamma_two_equals_a_literal_transcription_in_value_and_gradient() -> None:
     logits, target = batch(seed=4, n=1, h=3, w=3)
     weights = [1.0, 3.0, 0.25]
     gamma = 2.0
+    reference = logits.double().requires_grad_(True)
     numerator = denominator = 0.0
     for i in range(3):
         for j in range(3):
             y = int(target[0, i, j])
             if y == U:
                 continue
-            p = torch.softmax(logits[0, :, i, j].double(), dim=0)
-            p_t = float(p[y])
-            numerator += weights[y] * (1 - p_t) ** gamma * -math.log(p_t)
+            p_t = torch.softmax(reference[0, :, i, j], dim=0)[y]
+            numerator = numerator + weights[y] * (1 - p_t) ** gamma * -torch.log(p_t)
             denominator += weights[y]
-    loss = build_loss("focal", num_classes=3, class_weights=weights, ignore_index=U, focal_gamma=gamma)(logits, target)
-    assert loss.item() == pytest.approx(numerator / denominator, rel=1e-5)
+    expected = numerator / denominator
+    expected.backward()
+    x = logits.clone().requires_grad_(True)
+    loss = build_loss("focal", num_classes=3, class_weights=weights, ignore_index=U, focal_gamma=gamma)(x, target)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(x.grad, reference.grad.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_focal_gradient_stays_finite_on_saturated_pixels_with_gamma_below_one() -> None:
+    # p_t rounds to exactly 1 in float32, where d/dp (1 − p_t)^0.5 is infinite without a guard.
+    logits = torch.tensor([[[[200.0, 0.0]], [[0.0, 1.0]]]], requires_grad=True)
+    target = torch.tensor([[[0, 1]]])
+    build_loss("focal", num_classes=2, class_weights=None, ignore_index=U, focal_gamma=0.5)(logits, target).backward()
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad[..., 1].abs().sum() > 0
 
 
 def test_ce_dice_equals_a_literal_transcription() -> None:
