@@ -41,8 +41,10 @@ def test_names_filter_with_fnmatch() -> None:
 
 
 def test_kinds_without_an_engine_are_refused_clearly() -> None:
+    registry = KindRegistry()
+    registry.register(JobKind("health", HealthRequest, "query", None))  # a lane but no engine
     with pytest.raises(DlwatchdError) as info:
-        build_registry().require_available("train")
+        registry.require_available("health")
     assert info.value.code is ErrorCode.PROTOCOL and "not available" in info.value.message
 
 

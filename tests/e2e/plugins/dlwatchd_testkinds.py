@@ -90,8 +90,14 @@ def run_block(ctx: JobContext, request: BlockRequest) -> dict:
     return {"blocked_s": request.seconds}
 
 
+class UnavailableRequest(RequestBase):
+    kind: Literal["test-unavailable"] = "test-unavailable"
+
+
 def register_kinds(registry: KindRegistry) -> None:
     registry.register(JobKind("test-block", BlockRequest, None, f"{__name__}:run_block"))
+    # A kind whose engine "is not in this version": it must be rejected, never answered.
+    registry.register(JobKind("test-unavailable", UnavailableRequest, "infer", None))
     registry.register(JobKind("test-sleep", SleepRequest, "infer", f"{__name__}:run_sleep"))
     registry.register(
         JobKind("test-train", TrainLikeRequest, "train", f"{__name__}:run_train_like", on_interrupt="resume")
