@@ -23,10 +23,12 @@ class TileSet:
 
     @property
     def nbytes(self) -> int:
-        return sum(i.numel() * i.element_size() + m.numel() * m.element_size() for i, m in zip(self.images, self.masks))
+        return sum(i.numel() * i.element_size() + m.numel() * m.element_size() for i, m in zip(self.images, self.masks, strict=True))
 
 
-def pad_to_multiple(image: torch.Tensor, mask: torch.Tensor | None, divisor: int, fill_label: int):  # type: ignore[no-untyped-def]
+def pad_to_multiple(
+    image: torch.Tensor, mask: torch.Tensor | None, divisor: int, fill_label: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pad bottom/right to multiples of `divisor`: reflect for the image (replicate where reflect cannot
     reach), the unlabeled index for the mask so padded pixels never count. Sizes already divisible are kept.
     """
@@ -52,9 +54,10 @@ def build_tileset(
     for name, load_image, load_mask in samples:
         image = torch.from_numpy(np.ascontiguousarray(load_image().transpose(2, 0, 1), dtype=np.float32))
         mask = torch.from_numpy(np.ascontiguousarray(load_mask(), dtype=np.int64))
-        image, mask = pad_to_multiple(image, mask, divisor, unlabeled_index)
+        image, padded_mask = pad_to_multiple(image, mask, divisor, unlabeled_index)
+        assert padded_mask is not None
         images.append(image)
-        masks.append(mask)
+        masks.append(padded_mask)
         names.append(name)
     return TileSet(images, masks, names)
 

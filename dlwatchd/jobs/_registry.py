@@ -36,6 +36,9 @@ class JobKind:
     on_interrupt: OnInterrupt = "retry"
     max_attempts: int = 2
     description: str = ""
+    # "module:function" taking a list of contexts and returning one result or exception per job; jobs
+    # with the same `batch_key` (set at intake) may then run together, e.g. inferences on one model.
+    group_handler: str | None = None
 
     @property
     def available(self) -> bool:

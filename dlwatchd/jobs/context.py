@@ -43,7 +43,7 @@ class JobContext:
 
     job_id: str
     kind: str
-    request: BaseModel
+    request: BaseModel | None
     attempt: int
     layout: SpoolLayout
     status: StatusFile
@@ -54,6 +54,7 @@ class JobContext:
     model_dirs: list[Path]
     send: Callable[[dict[str, Any]], None] = field(default=lambda message: None)
     suspend_requested: Callable[[], bool] = field(default=lambda: False)
+    resources: dict[str, Any] = field(default_factory=dict)  # the worker's long-lived objects (model cache)
     marker_poll_s: float = 0.2
     _last_poll: float = field(default=0.0, init=False)
     _cancel_seen: bool = field(default=False, init=False)

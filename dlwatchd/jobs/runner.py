@@ -55,29 +55,26 @@ def error_for_exception(exc: BaseException) -> DlwatchdError:
     )
 
 
-def run_job(
+def start_job(
     job: dict[str, Any],
     registry: KindRegistry,
     send: Callable[[dict[str, Any]], None],
     suspend: Callable[[], bool] = lambda: False,
-) -> str:
-    """Run the job described by `job` (from the supervisor) to its end; returns the state it ended in.
-
-    Returns "fenced" when the claim was taken away, in which case nothing was published.
-    """
+    resources: dict[str, Any] | None = None,
+) -> JobContext | None:
+    """Mark a claimed job running and build its context; None when the claim is already gone (fenced)."""
     layout = SpoolLayout(Path(job["spool"]))
     job_id = job["job_id"]
     claim = Path(job["claim"])
     kind = registry.get(job["kind"])
-    status = StatusFile(layout.status_path(job_id))
     if not claim.exists():
-        return "fenced"
-    request = kind.request_model.model_validate(json.loads(layout.request_path(job_id).read_bytes()))
+        return None
+    status = StatusFile(layout.status_path(job_id))
     status.update(state=JobState.RUNNING, daemon=job["daemon"], attempt=job["attempt"], error=None)
     ctx = JobContext(
         job_id=job_id,
         kind=kind.name,
-        request=request,
+        request=None,  # set by load_request once the request parsed
         attempt=job["attempt"],
         layout=layout,
         status=status,
@@ -88,13 +85,30 @@ def run_job(
         model_dirs=[Path(p) for p in job["model_dirs"]],
         send=send,
         suspend_requested=suspend,
+        resources=resources if resources is not None else {},
     )
-    ctx.log(f"started by {job['daemon']} (attempt {job['attempt']}, pid lane {job['lane']})")
+    ctx.log(f"started by {job['daemon']} (attempt {job['attempt']}, lane {job['lane']})")
+    return ctx
+
+
+def load_request(ctx: JobContext, registry: KindRegistry) -> Any:
+    """The job's accepted request, as its kind's model."""
+    model = registry.get(ctx.kind).request_model
+    ctx.request = model.model_validate(json.loads(ctx.layout.request_path(ctx.job_id).read_bytes()))
+    return ctx.request
+
+
+def conclude(ctx: JobContext, outcome: Any) -> str:
+    """Write the final status for a handler's result dict or the exception it raised; returns the end state.
+
+    Returns "fenced" (nothing written) when the claim was taken away meanwhile.
+    """
+    status = ctx.status
     try:
-        handler = resolve_handler(kind.handler or "")
-        result = handler(ctx, request)
+        if isinstance(outcome, BaseException):
+            raise outcome
         ctx.check_fence()
-        status.update(state=JobState.SUCCEEDED, result=result)
+        status.update(state=JobState.SUCCEEDED, result=outcome)
         ctx.log("succeeded")
         return JobState.SUCCEEDED.value
     except JobCancelled:
@@ -115,16 +129,68 @@ def run_job(
         ctx.log("checkpointed and queued again: the daemon is stopping")
         return SUSPENDED
     except JobFenced as exc:
-        logger.warning("job %s: %s; its work is discarded", job_id, exc)
+        logger.warning("job %s: %s; its work is discarded", ctx.job_id, exc)
         return "fenced"
     except Exception as exc:  # every failure ends in a status with a code, never in silence
         error = error_for_exception(exc)
         if error.code is ErrorCode.INTERNAL:
             ctx.log("internal error:\n" + "".join(traceback.format_exception(exc)))
-            logger.exception("job %s failed with an internal error", job_id)
+            logger.error("job %s failed with an internal error", ctx.job_id, exc_info=exc)
         else:
             ctx.log(f"failed: {error.code.value}: {error.message}")
-        if not claim.exists():
+        if not ctx.claim.exists():
             return "fenced"
         status.update(state=JobState.FAILED, error=ErrorInfo.from_error(error))
         return JobState.FAILED.value
+
+
+def run_job(
+    job: dict[str, Any],
+    registry: KindRegistry,
+    send: Callable[[dict[str, Any]], None],
+    suspend: Callable[[], bool] = lambda: False,
+    resources: dict[str, Any] | None = None,
+) -> str:
+    """Run the job described by `job` (from the supervisor) to its end; returns the state it ended in."""
+    ctx = start_job(job, registry, send, suspend, resources)
+    if ctx is None:
+        return "fenced"
+    try:
+        request = load_request(ctx, registry)
+        outcome: Any = resolve_handler(registry.get(ctx.kind).handler or "")(ctx, request)
+    except Exception as exc:  # cancel, pause, errors: concluded below like every other ending
+        outcome = exc
+    return conclude(ctx, outcome)
+
+
+def run_group(
+    jobs: list[dict[str, Any]],
+    registry: KindRegistry,
+    send: Callable[[dict[str, Any]], None],
+    resources: dict[str, Any],
+) -> list[tuple[str, str]]:
+    """Run jobs of one kind family together through the kind's group handler; (job id, end state) each.
+
+    A job whose request cannot be loaded fails alone; the others still run.
+    """
+    contexts: list[JobContext] = []
+    states: list[tuple[str, str]] = []
+    for job in jobs:
+        ctx = start_job(job, registry, send, resources=resources)
+        if ctx is None:
+            states.append((job["job_id"], "fenced"))
+            continue
+        try:
+            load_request(ctx, registry)
+        except Exception as exc:
+            states.append((ctx.job_id, conclude(ctx, exc)))
+            continue
+        contexts.append(ctx)
+    if contexts:
+        group_handler = registry.get(contexts[0].kind).group_handler
+        try:
+            outcomes = resolve_handler(group_handler or "")(contexts)
+        except Exception as exc:  # the whole group failed the same way
+            outcomes = [exc] * len(contexts)
+        states += [(ctx.job_id, conclude(ctx, outcome)) for ctx, outcome in zip(contexts, outcomes, strict=True)]
+    return states

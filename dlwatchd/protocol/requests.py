@@ -146,6 +146,11 @@ class InferenceRequestBase(RequestBase):
     input_config: InferInputConfig = Field(default_factory=lambda: InferInputConfig())
     options: InferOptions = Field(default_factory=lambda: InferOptions())
 
+    def batch_key(self) -> str:
+        """Requests with equal keys use the same model the same way, so their tiles can share batches."""
+        options = self.options
+        return f"{self.kind}|{self.model_id}|{self.model_path}|{options.use_gpu}|{options.precision}|{options.tta}"
+
     @field_validator("model_id")
     @classmethod
     def _one_model_reference(cls, model_id: str | None, info: ValidationInfo) -> str | None:

@@ -32,6 +32,8 @@ logger = logging.getLogger("dlwatchd.intake")
 class Accepted:
     job_id: str
     kind: str
+    batch_key: str | None = None  # requests with equal keys may run together (see JobKind.group_handler)
+    tiles: int = 0
 
 
 @dataclass
@@ -122,7 +124,15 @@ class Intake:
                 report.rejected += 1
                 return
             self._accept(job_id, claim, decoded)
-            report.accepted.append(Accepted(job_id, decoded.kind))
+            batch_key = getattr(decoded.request, "batch_key", None)
+            report.accepted.append(
+                Accepted(
+                    job_id,
+                    decoded.kind,
+                    batch_key() if callable(batch_key) else None,
+                    len(getattr(decoded.request, "tiles", ()) or ()),
+                )
+            )
         except OSError as exc:
             # The spool itself misbehaves (share gone, permissions): leave the claim for the next scan.
             logger.error("intake of %s failed: %s", job_id, exc)

@@ -37,6 +37,10 @@ logger = logging.getLogger("dlwatchd.supervisor")
 
 _MAX_LOOP_FAILURES = 20
 _DEVICE_PROBE_S = 5.0
+# Inference requests on one model run together up to these limits, so several clients' single tiles
+# share one forward pass without making any one request wait long.
+_MAX_GROUP_JOBS = 8
+_MAX_GROUP_TILES = 64
 
 
 class Supervisor:
@@ -64,6 +68,7 @@ class Supervisor:
         self.reason: str | None = None
         self.queue: list[str] = []
         self.kinds: dict[str, str] = {}
+        self.batch_keys: dict[str, tuple[str, int]] = {}  # job id -> (key, tiles) of jobs that may run in groups
         self.paused: set[str] = set()
         self.warned: set[tuple[str, str]] = set()
         self.gpu_clear: GpuClear | None = None
@@ -186,7 +191,7 @@ class Supervisor:
                 lane.suspend.set()  # trainings checkpoint at their next batch and go back to the queue
         self._heartbeat()
         deadline = time.monotonic() + self.settings.stop_timeout
-        while any(lane.job for lane in self.lanes.values()) and time.monotonic() < deadline:
+        while any(lane.jobs for lane in self.lanes.values()) and time.monotonic() < deadline:
             self._wait(min(0.5, max(0.0, deadline - time.monotonic())))
             self._read_lanes()
         for lane in self.lanes.values():
@@ -273,6 +278,8 @@ class Supervisor:
         if report.accepted:
             for accepted in report.accepted:
                 self.kinds[accepted.job_id] = accepted.kind
+                if accepted.batch_key is not None:
+                    self.batch_keys[accepted.job_id] = (accepted.batch_key, accepted.tiles)
                 self.watcher.watch_job(accepted.job_id)
             self.refresh_queue()
 
@@ -321,6 +328,7 @@ class Supervisor:
 
     def forget(self, job_id: str) -> None:
         self.kinds.pop(job_id, None)
+        self.batch_keys.pop(job_id, None)
         self.watcher.unwatch_job(job_id)
         self.warned = {item for item in self.warned if item[0] != job_id}
 
@@ -349,8 +357,31 @@ class Supervisor:
             self.queue.remove(job_id)
             if claim is None:
                 continue  # another daemon was faster
-            job = self._job_message(job_id, kind_name, claim, lane.name)
-            lane.run(job, RunningJob(job_id, kind_name, str(claim), job["attempt"]))
+            group = [(job_id, claim)]
+            if kind.group_handler is not None:
+                group += self._claim_group(job_id, kind_name)
+            messages = [self._job_message(member, kind_name, path, lane.name) for member, path in group]
+            lane.run(messages, [RunningJob(m["job_id"], kind_name, m["claim"], m["attempt"]) for m in messages])
+
+    def _claim_group(self, first: str, kind: str) -> list[tuple[str, Path]]:
+        """Claim queued jobs that can run with `first` in one go (same kind and batch key), within limits."""
+        key = self.batch_keys.get(first)
+        if key is None:
+            return []
+        tiles = key[1]
+        group: list[tuple[str, Path]] = []
+        for job_id in list(self.queue):
+            other = self.batch_keys.get(job_id)
+            if len(group) + 1 >= _MAX_GROUP_JOBS or tiles >= _MAX_GROUP_TILES:
+                break
+            if other is None or other[0] != key[0] or self.kind_of(job_id) != kind:
+                continue
+            claim = claim_queued(self.layout, job_id, self.me)
+            self.queue.remove(job_id)
+            if claim is not None:
+                group.append((job_id, claim))
+                tiles += other[1]
+        return group
 
     def _job_message(self, job_id: str, kind: str, claim: Path, lane: str) -> dict[str, Any]:
         """Everything a runner needs to run one claimed job (it crosses the pipe to a worker)."""
@@ -414,9 +445,10 @@ class Supervisor:
             self.device_info = message.get("info")
         elif op == "memory" and self.gpu_clear is not None:
             self.gpu_clear.on_memory(lane.name, message.get("memory"))
-        elif op == "done" and lane.job is not None:
-            job, lane.job = lane.job, None
-            self._finish(job, message["state"])
+        elif op == "done":
+            job = lane.finish(message["job_id"])
+            if job is not None:
+                self._finish(job, message["state"])
 
     def _finish(self, job: RunningJob, state: str) -> None:
         if state in ("succeeded", "failed", "cancelled"):

@@ -84,7 +84,7 @@ class GpuClear:
             self.phase, self.deadline = "drain", time.monotonic() + DRAIN_TIMEOUT_S
         if self.phase == "drain":
             lanes = self.sup.lanes
-            if (lanes["train"].job is None and lanes["infer"].job is None) or time.monotonic() > self.deadline:
+            if (not lanes["train"].jobs and not lanes["infer"].jobs) or time.monotonic() > self.deadline:
                 self.phase = "recycle"
         if self.phase == "recycle":
             self._recycle()
@@ -133,18 +133,10 @@ class GpuClear:
         sup.refresh_queue()
 
     def _recycle(self) -> None:
-        for lane in self.sup.lanes.values():
-            job = lane.job
-            lane.stop(timeout=5.0)
-            if job is not None:
-                reconcile(
-                    self.sup.layout,
-                    self.sup.registry,
-                    job.job_id,
-                    Path(job.claim),
-                    self.sup.me,
-                    ErrorCode.INTERRUPTED,
-                )
+        sup = self.sup
+        for lane in sup.lanes.values():
+            for job in lane.stop(timeout=5.0):
+                reconcile(sup.layout, sup.registry, job.job_id, Path(job.claim), sup.me, ErrorCode.INTERRUPTED)
             lane.memory = None
             lane.start()
         self.sup.refresh_queue()

@@ -76,9 +76,9 @@ class PeerWatch:
 def build_health(sup: Supervisor) -> DaemonHealth:
     """The supervisor's health as published in its heartbeat and answered to `health` requests."""
     running = [
-        {"job_id": lane.job.job_id, "kind": lane.job.kind, "lane": name, "progress": lane.job.progress}
+        {"job_id": job.job_id, "kind": job.kind, "lane": name, "progress": job.progress}
         for name, lane in sup.lanes.items()
-        if lane.job is not None
+        for job in lane.jobs
     ]
     return DaemonHealth(
         daemon_id=sup.me,

@@ -40,7 +40,7 @@ class Lane:
     process: BaseProcess | None = None
     conn: Connection | None = None
     ready: bool = False
-    job: RunningJob | None = None
+    jobs: list[RunningJob] = field(default_factory=list)  # more than one when inferences run as a group
     memory: dict[str, Any] | None = None
     device: dict[str, Any] | None = None
     started_at: float = 0.0
@@ -51,8 +51,13 @@ class Lane:
     suspend: Any = None  # a multiprocessing Event: set at shutdown so a training checkpoints and yields
 
     @property
+    def job(self) -> RunningJob | None:
+        """The first job the worker runs (the one a group was formed around), or None when idle."""
+        return self.jobs[0] if self.jobs else None
+
+    @property
     def idle(self) -> bool:
-        return self.ready and self.job is None and self.alive
+        return self.ready and not self.jobs and self.alive
 
     @property
     def alive(self) -> bool:
@@ -71,18 +76,26 @@ class Lane:
         )
         process.start()
         child.close()
-        self.process, self.conn, self.ready, self.job = process, parent, False, None
+        self.process, self.conn, self.ready, self.jobs = process, parent, False, []
         self.started_at = time.monotonic()
         logger.info("lane %s: worker started (pid %s)", self.name, process.pid)
 
-    def run(self, job: dict[str, Any], running: RunningJob) -> None:
+    def run(self, messages: list[dict[str, Any]], running: list[RunningJob]) -> None:
+        """Send one job, or a group of jobs the worker runs together."""
         assert self.conn is not None
-        self.job = running
-        self.conn.send({"op": "run", "job": job})
+        self.jobs = list(running)
+        self.conn.send({"op": "run", "jobs": messages})
 
-    def reap(self) -> RunningJob | None:
-        """Forget a dead worker; returns the job it was running. Schedules the restart with backoff."""
-        job, self.job, self.ready = self.job, None, False
+    def finish(self, job_id: str) -> RunningJob | None:
+        """Forget one job the worker reported done; returns it (None if unknown)."""
+        for index, job in enumerate(self.jobs):
+            if job.job_id == job_id:
+                return self.jobs.pop(index)
+        return None
+
+    def reap(self) -> list[RunningJob]:
+        """Forget a dead worker; returns the jobs it was running. Schedules the restart with backoff."""
+        jobs, self.jobs, self.ready = self.jobs, [], False
         code = self.process.exitcode if self.process is not None else None
         self.last_error = f"worker exited with code {code}"
         if self.conn is not None:
@@ -96,12 +109,16 @@ class Lane:
         self.not_before = time.monotonic() + delay
         self.restarts += 1
         logger.error("lane %s: %s; restarting in %.1f s", self.name, self.last_error, delay)
-        return job
+        return jobs
 
-    def stop(self, timeout: float) -> None:
-        """Ask the worker to exit, then terminate and kill it if it does not within `timeout`."""
+    def stop(self, timeout: float) -> list[RunningJob]:
+        """Ask the worker to exit, then terminate and kill it if it does not within `timeout`.
+
+        Returns the jobs it was still running (the caller reconciles them).
+        """
+        jobs = self.jobs
         if self.process is None:
-            return
+            return jobs
         try:
             if self.conn is not None:
                 self.conn.send({"op": "stop"})
@@ -116,7 +133,8 @@ class Lane:
             self.process.join(2.0)
         if self.conn is not None:
             self.conn.close()
-        self.process, self.conn, self.ready, self.job = None, None, False, None
+        self.process, self.conn, self.ready, self.jobs = None, None, False, []
+        return jobs
 
     def describe(self) -> dict[str, Any]:
         """The lane's line in the health answer."""
@@ -125,6 +143,7 @@ class Lane:
             "alive": self.alive,
             "ready": self.ready,
             "job": self.job.job_id if self.job else None,
+            "jobs": [job.job_id for job in self.jobs],
             "restarts": self.restarts,
             "last_error": self.last_error,
         }

@@ -18,17 +18,19 @@ from dlwatchd.spool.recovery import reconcile, take_over
 
 if TYPE_CHECKING:
     from dlwatchd.supervisor.daemon import Supervisor
-    from dlwatchd.supervisor.lanes import Lane
+    from dlwatchd.supervisor.lanes import Lane, RunningJob
 
 logger = logging.getLogger("dlwatchd.supervisor")
 
 
 def on_worker_death(sup: Supervisor, lane: Lane) -> None:
     """Schedule the lane's restart and bring the job it was running to a defined state."""
-    job = lane.reap()
     sup.counters.worker_restarts += 1
-    if job is None:
-        return
+    for job in lane.reap():
+        _reconcile_dead_worker_job(sup, lane, job)
+
+
+def _reconcile_dead_worker_job(sup: Supervisor, lane: Lane, job: RunningJob) -> None:
     append_job_log(sup.layout.log_path(job.job_id), f"the {lane.name} worker died ({lane.last_error})")
     outcome = reconcile(sup.layout, sup.registry, job.job_id, Path(job.claim), sup.me, ErrorCode.WORKER_DIED)
     logger.error("job %s: worker of lane %s died; %s", job.job_id, lane.name, outcome)
@@ -55,7 +57,7 @@ def recover_own(sup: Supervisor) -> None:
 
 def adopt_orphans(sup: Supervisor) -> None:
     """Claims under this daemon's name that no lane runs and that are not paused get reconciled."""
-    busy = {lane.job.job_id for lane in sup.lanes.values() if lane.job} | sup.paused
+    busy = {job.job_id for lane in sup.lanes.values() for job in lane.jobs} | sup.paused
     if sup.gpu_clear is not None:
         busy.add(sup.gpu_clear.job_id)
     for job_id, claim in own_claims(sup.layout, sup.me).items():

@@ -16,7 +16,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from dlwatchd.jobs._registry import build_registry
-from dlwatchd.jobs.runner import run_job
+from dlwatchd.jobs.runner import run_group, run_job
 
 _ORPHAN_POLL_S = 0.5
 
@@ -48,13 +48,16 @@ def die_with_parent() -> None:
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
-def memory_snapshot() -> dict[str, Any] | None:
-    """This process's device memory figures, when torch is already loaded here (never loads it)."""
+def memory_snapshot(resources: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """This process's device memory figures and cached model count, when torch is loaded here (never loads it)."""
     if "torch" not in sys.modules:
         return None
     from dlwatchd.engine.device import memory_info
 
-    return memory_info()
+    info = memory_info()
+    cache = (resources or {}).get("models")
+    info["cached_models"] = len(cache) if cache is not None else 0
+    return info
 
 
 def worker_main(conn: Connection, lane: str, plugins: list[str], warm: bool, log_level: int, suspend: Any) -> None:
@@ -64,6 +67,7 @@ def worker_main(conn: Connection, lane: str, plugins: list[str], warm: bool, log
     die_with_parent()
     logging.basicConfig(level=log_level, format=f"%(levelname)s worker[{lane}] %(message)s", stream=sys.stderr)
     registry = build_registry(plugins)
+    resources: dict[str, Any] = {}  # long-lived per worker: the model cache of the infer lane lives here
 
     def send(message: dict[str, Any]) -> None:
         conn.send(message)
@@ -91,6 +95,10 @@ def worker_main(conn: Connection, lane: str, plugins: list[str], warm: bool, log
             release_device_memory()
             send({"op": "memory", "memory": memory_info()})
         elif message.get("op") == "run":
-            job = message["job"]
-            state = run_job(job, registry, send, suspend=suspend.is_set)
-            send({"op": "done", "job_id": job["job_id"], "state": state, "memory": memory_snapshot()})
+            jobs = message["jobs"]
+            if len(jobs) == 1:
+                states = [(jobs[0]["job_id"], run_job(jobs[0], registry, send, suspend.is_set, resources))]
+            else:
+                states = run_group(jobs, registry, send, resources)
+            for job_id, state in states:
+                send({"op": "done", "job_id": job_id, "state": state, "memory": memory_snapshot(resources)})
