@@ -7,6 +7,7 @@ so both runtimes give the same answer for the same normalized tiles.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import threading
@@ -43,6 +44,7 @@ TRANSFORMS = (
     (True, (1,)),
     (True, (1, 2)),
 )
+GPU_PROVIDERS = {"cuda": "CUDAExecutionProvider", "mps": "CoreMLExecutionProvider"}
 OOM_TEXTS = ("out of memory", "failed to allocate memory")
 
 
@@ -77,8 +79,9 @@ class LoadedModel:
 def load_model(model_dir: Path, *, use_gpu: bool = True, precision: str = "fp32") -> LoadedModel:
     """Load `model_dir` (or the folder of a model.onnx/model.pt path) with the runtime §12.5 selects.
 
-    ONNX Runtime when model.onnx exists, onnxruntime imports and precision is fp32; otherwise, or when the session
-    fails (a warning says why), PyTorch from model.pt. Raises E_SCHEMA (field options.precision) for an unknown
+    ONNX Runtime when model.onnx exists, onnxruntime imports and precision is fp32, unless a GPU is to be used that
+    this onnxruntime build has no provider for and model.pt exists; otherwise, or when the session fails (a warning
+    says why), PyTorch from model.pt. Raises E_SCHEMA (field options.precision) for an unknown
     precision, E_NOT_FOUND when no usable model.onnx or model.pt exists, E_UNSAFE_MODEL when model.pt needs more
     than tensors to unpickle, E_SCHEMA when model.pt is unreadable or does not fit the stored architecture.
     """
@@ -103,7 +106,8 @@ def load_model(model_dir: Path, *, use_gpu: bool = True, precision: str = "fp32"
     if precision == "bf16" and not has_weights:
         warnings.append(f"bf16 needs {WEIGHTS_NAME}, which the model {info.model_id} lacks; it runs in fp32 on ONNX.")
         precision = "fp32"
-    if has_onnx and precision == "fp32":
+    # A CPU-only onnxruntime build next to a CUDA torch would leave the GPU idle; PyTorch on the GPU is faster.
+    if has_onnx and precision == "fp32" and not (has_weights and _onnx_lacks_gpu(use_gpu)):
         try:
             return _load_onnx(info, onnx_path, use_gpu, warnings)
         except Exception as exc:  # any session failure falls back to PyTorch (§12.5); the reason is kept
@@ -118,28 +122,39 @@ def load_model(model_dir: Path, *, use_gpu: bool = True, precision: str = "fp32"
     return _load_torch(info, weights_path, use_gpu, precision, warnings)
 
 
+def _onnx_lacks_gpu(use_gpu: bool) -> bool:
+    """True when a GPU is to be used but onnxruntime imports without its provider."""
+    kind = detect_device_type() if use_gpu else "cpu"
+    if kind not in GPU_PROVIDERS:
+        return False
+    try:
+        import onnxruntime
+    except ImportError:
+        return True
+    return GPU_PROVIDERS[kind] not in onnxruntime.get_available_providers()
+
+
 def _load_onnx(info: ModelInfo, path: Path, use_gpu: bool, warnings: list[str]) -> LoadedModel:
     import onnxruntime
 
-    available = onnxruntime.get_available_providers()
     kind = detect_device_type() if use_gpu else "cpu"
+    wanted = GPU_PROVIDERS.get(kind)
     providers: list[Any] = ["CPUExecutionProvider"]
-    if kind == "cuda" and "CUDAExecutionProvider" in available:
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}))
-    elif kind == "mps" and "CoreMLExecutionProvider" in available:
-        providers.insert(0, "CoreMLExecutionProvider")
+    if wanted in onnxruntime.get_available_providers():
+        providers.insert(0, (wanted, {"device_id": torch.cuda.current_device()} if kind == "cuda" else {}))
     options = onnxruntime.SessionOptions()
     # torch's default thread count is the physical core count; hyper-threads only slow convolutions down.
     options.intra_op_num_threads = torch.get_num_threads()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
     used = list(session.get_providers())
-    if len(providers) > 1 and used[0] == "CPUExecutionProvider":
-        warnings.append(f"ONNX Runtime could not start {_provider_name(providers[0])}; the model runs on the CPU.")
+    if len(providers) > 1 and used[0] != wanted:
+        warnings.append(f"ONNX Runtime could not start {wanted}; the model runs on the CPU.")
+    device = "cpu"
     if used[0] == "CUDAExecutionProvider":
         device = f"cuda:{torch.cuda.current_device()}"
-    else:
-        device = "coreml" if used[0] == "CoreMLExecutionProvider" else "cpu"
+    elif used[0] == "CoreMLExecutionProvider":
+        device = "coreml"
     graph_input, graph_output = session.get_inputs()[0], session.get_outputs()[0]
     in_channels = _checked_count(info.in_channels, _static_dim(graph_input.shape), "input channels", path, warnings)
     num_classes = _checked_count(info.num_classes, _static_dim(graph_output.shape), "classes", path, warnings)
@@ -242,10 +257,6 @@ def _bf16_native(device: torch.device) -> bool:
     return True
 
 
-def _provider_name(provider: Any) -> str:
-    return provider[0] if isinstance(provider, tuple) else str(provider)
-
-
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0][:300] if lines else type(exc).__name__
@@ -308,7 +319,7 @@ class ModelCache:
 
 
 def _signature(model_dir: Path) -> tuple:
-    parts = []
+    parts: list[tuple[int, int] | None] = []
     for name in CACHE_FILES:
         try:
             stat = os.stat(model_dir / name)
@@ -336,13 +347,13 @@ def resolve_normalization(
         if key in stored and key in given and _canonical(stored[key]) != _canonical(given[key]):
             if override:
                 warnings.append(
-                    f"normalization.{key}: the request's {_shown(given[key])} overrides the model's stored "
-                    f"{_shown(stored[key])} (normalization_override is on)."
+                    f"normalization.{key}: the request's {json.dumps(given[key])} overrides the model's stored "
+                    f"{json.dumps(stored[key])} (normalization_override is on)."
                 )
             else:
                 warnings.append(
-                    f"normalization.{key}: the request sent {_shown(given[key])} but the model {info.model_id} was "
-                    f"trained with {_shown(stored[key])}; the trained value is used."
+                    f"normalization.{key}: the request sent {json.dumps(given[key])} but the model {info.model_id} was "
+                    f"trained with {json.dumps(stored[key])}; the trained value is used."
                 )
         first, second = (given, stored) if override else (stored, given)
         if key in first:
@@ -364,12 +375,6 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, dict):
         return tuple(sorted((str(key), _canonical(item)) for key, item in value.items()))
     return value
-
-
-def _shown(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value)
 
 
 def predict_probabilities(

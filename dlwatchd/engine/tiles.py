@@ -23,7 +23,10 @@ class TileSet:
 
     @property
     def nbytes(self) -> int:
-        return sum(i.numel() * i.element_size() + m.numel() * m.element_size() for i, m in zip(self.images, self.masks, strict=True))
+        return sum(
+            i.numel() * i.element_size() + m.numel() * m.element_size()
+            for i, m in zip(self.images, self.masks, strict=True)
+        )
 
 
 def pad_to_multiple(

@@ -7,14 +7,17 @@ from dlwatchd.protocol import requests as rq
 
 QUERIES = "dlwatchd.jobs.queries"
 CATALOG = "dlwatchd.jobs.catalog"
+INFER = "dlwatchd.jobs.infer"
 
 
 def register_builtin_kinds(registry: KindRegistry) -> None:
     """Register every protocol kind; a kind whose engine is not in this version has no handler."""
     for kind in (
         JobKind("train", rq.TrainRequest, "train", "dlwatchd.jobs.train:run_train", on_interrupt="resume"),
-        JobKind("infer", rq.InferRequest, "infer", None),
-        JobKind("infer-pixel", rq.InferPixelRequest, "infer", None),
+        JobKind("infer", rq.InferRequest, "infer", f"{INFER}:run_infer", group_handler=f"{INFER}:run_infer_group"),
+        JobKind(
+            "infer-pixel", rq.InferPixelRequest, "infer", f"{INFER}:run_infer", group_handler=f"{INFER}:run_infer_group"
+        ),
         JobKind("gpu-clear", rq.GpuClearRequest, None, None, on_interrupt="fail", max_attempts=1),
         JobKind("health", rq.HealthRequest, None, None),
         JobKind("gpu", rq.GpuRequest, "query", f"{QUERIES}:run_gpu"),

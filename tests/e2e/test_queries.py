@@ -9,6 +9,7 @@ from conftest import runs, wait_state
 
 from dlwatchd.client import SpoolClient
 
+
 def test_health_answers_with_daemon_health(daemon, client: SpoolClient) -> None:
     job = client.submit({"kind": "health", "client": {"name": "pytest", "version": "1"}})
     status = wait_state(client, job, {"succeeded"}, timeout=10)
