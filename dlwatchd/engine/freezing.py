@@ -33,7 +33,8 @@ def apply_freezing(model: torch.nn.Module, names: list[str] | None, in_channels:
         parameters = [p for module in modules for p in module.parameters()]
         if not parameters:
             warnings.append(
-                f"The layer group '{name}' does not exist in this model or holds no parameters; nothing was frozen for it."
+                f"The layer group '{name}' does not exist in this model or holds no parameters; "
+                "nothing was frozen for it."
             )
             continue
         for parameter in parameters:

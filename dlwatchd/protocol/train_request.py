@@ -382,7 +382,10 @@ class TrainingParams(AliasedModel):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:[0-9]{1,3}|mps)$")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto",
-        description="auto: bf16 autocast where the device computes bf16 natively (CUDA AMP, CPUs with AVX512-BF16/AMX), else fp32",
+        description=(
+            "auto: bf16 autocast where the device computes bf16 natively (CUDA AMP, CPUs with AVX512-BF16/AMX), "
+            "else fp32"
+        ),
     )
 
     @model_validator(mode="before")
