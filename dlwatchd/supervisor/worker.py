@@ -6,6 +6,7 @@ job handlers, never here, so a worker starts fast and the supervisor stays free 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -19,6 +20,11 @@ from dlwatchd.jobs._registry import build_registry
 from dlwatchd.jobs.runner import run_group, run_job
 
 _ORPHAN_POLL_S = 0.5
+WARM_MODULES = {
+    "train": "dlwatchd.jobs.train_setup",
+    "infer": "dlwatchd.engine.inference",
+    "query": "dlwatchd.engine.models",
+}
 
 
 def die_with_parent() -> None:
@@ -74,9 +80,11 @@ def worker_main(conn: Connection, lane: str, plugins: list[str], warm: bool, log
 
     send({"op": "ready", "pid": os.getpid(), "memory": memory_snapshot()})
     if warm:
-        # Load the runtime now, before the first job arrives, and tell the supervisor what device it found.
+        # Load the runtime and this lane's engine now, before the first job arrives (so even a job that
+        # fails its preflight answers at once), and tell the supervisor what device it found.
         from dlwatchd.engine.device import device_summary
 
+        importlib.import_module(WARM_MODULES[lane])
         send({"op": "warm", "memory": memory_snapshot(), "device": device_summary()})
     while True:
         try:
