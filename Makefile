@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean demo schemas
 
 install: $(STAMP)
 
@@ -29,6 +29,18 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/pickup_latency.py
 	$(BIN)/python benchmarks/supervisor_footprint.py
+
+demo: install
+	$(BIN)/dlwatchd demo
+
+# docs/schemas/: one JSON Schema per name `dlwatchd schema NAME` accepts, plus requests.json for every request.
+SCHEMA_NAMES = $(BIN)/python -c "from dlwatchd.protocol.requests import REQUEST_MODELS; print(*REQUEST_MODELS, 'status', 'health')"
+
+schemas: install
+	@mkdir -p docs/schemas
+	rm -f docs/schemas/*.json
+	$(BIN)/dlwatchd schema > docs/schemas/requests.json
+	for n in $$($(SCHEMA_NAMES)); do $(BIN)/dlwatchd schema $$n > docs/schemas/$$n.json || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 
 def start_daemon(spool: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -48,3 +50,17 @@ def start_daemon(spool: Path, *extra: str, env: dict[str, str] | None = None) ->
 def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
     proc.send_signal(signal.SIGTERM)
     proc.wait(60)
+
+
+def publish(spool: Path, job_id: str, request: dict[str, Any]) -> float:
+    """Write `request` under a temp name, rename it into incoming/ and return the wall-clock time of the rename."""
+    temp = spool / "incoming" / f".{job_id}.tmp"
+    temp.write_bytes(json.dumps(request).encode())
+    published = time.time()
+    os.rename(temp, spool / "incoming" / f"{job_id}.json")
+    return published
+
+
+def stamp_seconds(stamp: str) -> float:
+    """A status.json time stamp (ISO-8601 UTC with a Z suffix) as seconds since the epoch, like time.time()."""
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()

@@ -24,6 +24,20 @@ def _add_spool(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spool", type=Path, help="spool folder (default: $DLWATCHD_SPOOL or the user data dir)")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _tile_size(text: str) -> int:
+    value = int(text)
+    if not 32 <= value <= 512:
+        raise argparse.ArgumentTypeError(f"must be between 32 and 512 pixels, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dlwatchd",
@@ -51,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="write_roots",
         help="extra folder outputs may go to (repeatable)",
     )
-    run.add_argument("--watch", choices=["native", "polling"], help="filesystem events, or polling for network shares")
+    run.add_argument(
+        "--watch",
+        choices=["auto", "native", "polling"],
+        help="filesystem events, or polling for network shares (default auto: polling when the spool is on one)",
+    )
     run.add_argument("--rescan-interval", type=float, help="seconds between full rescans (default 2)")
     run.add_argument("--http-port", type=int, help="serve the read-only HTTP shim on 127.0.0.1:PORT (off by default)")
 
@@ -100,6 +118,28 @@ def build_parser() -> argparse.ArgumentParser:
     weights_import.add_argument("--tag", choices=["imagenet", "histology"], help="default: the encoder's own tag")
     for sub in (weights_list, weights_import):
         sub.add_argument("--weights-dir", type=Path, help="weights store (default: $DLWATCHD_WEIGHTS_DIR or user data)")
+    demo = commands.add_parser(
+        "demo", help="train on synthetic data and predict held-out tiles, end to end (a few minutes on a CPU)"
+    )
+    demo.add_argument(
+        "--spool", type=Path, help="use the daemon serving this spool (default: start one on a temp spool)"
+    )
+    demo.add_argument("--out", type=Path, default=Path("dlwatchd-demo"), help="where the pictures and summary go")
+    demo.add_argument("--epochs", type=_positive_int, help="training epochs (default 10; 5 with --quick)")
+    demo.add_argument("--size", type=_tile_size, help="tile size in pixels, 32-512 (default 64)")
+    demo.add_argument("--quick", action="store_true", help="a smaller run of about a minute (used in CI)")
+    demo.add_argument("--clean", action="store_true", help="remove the temporary spool at the end")
+
+    synth = commands.add_parser("synth", help="write a synthetic QuPath-style training set with brush-stroke labels")
+    synth.add_argument("dir", type=Path, help="the dataset folder to write (train/, validation/, config.json)")
+    synth.add_argument("--train", type=_positive_int, default=8, help="training tiles (default 8)")
+    synth.add_argument("--validation", type=_positive_int, default=4, help="validation tiles (default 4)")
+    synth.add_argument("--size", type=_tile_size, default=64, help="tile size in pixels, 32-512 (default 64)")
+    synth.add_argument("--classes", type=int, choices=[2, 3], default=2, help="2 or 3 classes (default 2)")
+    synth.add_argument("--channels", type=_positive_int, default=3, help="image channels (default 3)")
+    synth.add_argument("--bit-depth", type=int, choices=[8, 16], default=8, help="8 or 16 bits (default 8)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
     service = commands.add_parser("service", help="install dlwatchd as a systemd or launchd service")
     service_commands = service.add_subparsers(dest="service_command", metavar="ACTION", required=True)
     for action, text in (("install", "render and write the unit (or plist)"), ("uninstall", "remove it")):
@@ -165,26 +205,32 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_START
 
 
-def _print_status_line(status: Any) -> None:
-    progress = status.progress or {}
-    fraction = progress.get("fraction")
-    extra = f" {100 * fraction:5.1f}%" if isinstance(fraction, (int, float)) else ""
-    print(f"[seq {status.seq}] {status.job_id} {status.state.value}{extra}", flush=True)
-
-
 def _follow(client: Any, job_id: str, timeout: float | None) -> int:
-    from dlwatchd.client import format_error
+    """Show the job's progress until it ends: a bar redrawn in place on a terminal, plain lines otherwise.
 
+    Ends with a summary and the result JSON (exit 0), or the error and hint on stderr (exit 1); a paused
+    training also exits 0.
+    """
+    from dlwatchd.client import format_error
+    from dlwatchd.progress import StatusFollower, result_summary
+
+    follower = StatusFollower(sys.stdout)
     try:
-        final = client.wait(job_id, timeout=timeout, on_update=_print_status_line)
+        final = client.wait(job_id, timeout=timeout, on_update=follower)
     except TimeoutError as exc:
+        follower.close()
         print(f"dlwatchd: {exc}", file=sys.stderr)
         return EXIT_TIMEOUT
+    follower.close()
     if final.state.value == "succeeded":
-        print(json.dumps(final.result, indent=2))
+        for line in result_summary(final.kind, final.result):
+            print(line)
+        print(json.dumps(final.result, indent=2), flush=True)
         return EXIT_OK
     if final.state.value == "paused":
+        print(f"paused; continue with: dlwatchd resume {job_id}", flush=True)
         return EXIT_OK
+    sys.stdout.flush()
     print(format_error(final), file=sys.stderr)
     return EXIT_JOB_FAILED
 
@@ -231,14 +277,13 @@ def cmd_marker(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from dlwatchd.client import SpoolClient
+    from dlwatchd.progress import collect_rows, render_table
 
-    jobs = SpoolClient(_spool(args)).list_jobs()
+    client = SpoolClient(_spool(args))
     if args.json:
-        print(json.dumps(jobs, indent=2))
+        print(json.dumps(client.list_jobs(), indent=2))
         return EXIT_OK
-    for where, ids in jobs.items():
-        for job_id in ids:
-            print(f"{where:10} {job_id}")
+    print(render_table(collect_rows(client)))
     return EXIT_OK
 
 
@@ -298,6 +343,56 @@ def cmd_service(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dlwatchd.demo import DemoOptions, run_demo
+
+    options = DemoOptions(
+        spool=args.spool, out=args.out, epochs=args.epochs, size=args.size, quick=args.quick, clean=args.clean
+    )
+    return run_demo(options)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from dlwatchd.synth import SynthSpec, class_names, write_dataset
+
+    if args.channels > 128:
+        print("dlwatchd: --channels must be at most 128", file=sys.stderr)
+        return EXIT_USAGE
+    root = args.dir.expanduser().absolute()
+    spec = SynthSpec(
+        train=args.train,
+        validation=args.validation,
+        size=args.size,
+        classes=args.classes,
+        channels=args.channels,
+        bit_depth=args.bit_depth,
+        seed=args.seed,
+    )
+    write_dataset(root, spec)
+    request = {
+        "kind": "train",
+        "model_type": "unet",
+        "architecture": {"backbone": "resnet18", "input_size": [args.size, args.size], "use_pretrained": False},
+        "input_config": {"num_channels": args.channels, "bit_depth": args.bit_depth},
+        "classes": class_names(args.classes),
+        "training": {"epochs": 10, "batch_size": 4, "learning_rate": 0.001, "seed": args.seed},
+        "data_path": str(root),
+    }
+    request_path = root / "train-request.json"
+    request_path.write_text(json.dumps(request, indent=2) + "\n")
+    kind = "PNG" if args.channels == 3 and args.bit_depth == 8 else "TIFF"
+    print(
+        f"wrote {args.train} training and {args.validation} validation tiles ({args.size}x{args.size} px, "
+        f"{args.channels} channels, {args.bit_depth}-bit {kind}, classes {', '.join(class_names(args.classes))}) "
+        f"to {root}"
+    )
+    print("  train/ and validation/ hold images/, masks/ (sparse brush strokes, 255 = unlabeled) and truth/ (dense)")
+    print(f"a training request for it is in {request_path}; with a daemon running, train with:")
+    print(f"  dlwatchd submit {request_path} --wait")
+    print("(the folder must be inside the daemon's read roots: your home by default, or the spool's inputs/)")
+    return EXIT_OK
+
+
 COMMANDS = {
     "run": cmd_run,
     "submit": cmd_submit,
@@ -311,6 +406,8 @@ COMMANDS = {
     "validate": cmd_validate,
     "weights": cmd_weights,
     "service": cmd_service,
+    "demo": cmd_demo,
+    "synth": cmd_synth,
 }
 
 

@@ -62,7 +62,9 @@ class Settings(BaseModel):
     daemon_id: str = Field(default_factory=default_daemon_id)
     read_roots: list[Path] = Field(default_factory=list, description="extra read roots; default: the user's home")
     write_roots: list[Path] = Field(default_factory=list)
-    watch: Literal["native", "polling"] = "native"
+    watch: Literal["auto", "native", "polling"] = Field(
+        "auto", description="auto: polling when the spool is on a network filesystem, native events elsewhere"
+    )
     rescan_interval: float = Field(2.0, ge=0.05, le=3600)
     heartbeat_interval: float = Field(2.0, ge=0.1, le=60)
     dead_after: float = Field(30.0, ge=1, le=3600, description="seconds a heartbeat may stand still")

@@ -145,7 +145,6 @@ BAD_REQUESTS = {
     "unknown-kind": b'{"kind": "classify"}',
     "no-kind": b"{}",
     "protocol-2": b'{"protocol": 2, "kind": "health"}',
-    "not-available": json.dumps({"kind": "infer", "model_id": "m", "tiles": [{"id": "t", "data": "x.png"}]}).encode(),
     "too-deep": b'{"kind": "health", "meta": ' + b"[" * 40 + b"]" * 40 + b"}",
 }
 

@@ -32,7 +32,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     settings = load_settings(environ={})
     assert settings.spool == default_spool()
-    assert settings.watch == "native"
+    assert settings.watch == "auto"
     assert settings.rescan_interval == 2.0
     assert settings.daemon_id == f"{short_hostname()}-1"
     assert settings.read_roots == [] and settings.write_roots == []
@@ -124,7 +124,7 @@ def test_overrides_beat_the_environment_and_none_means_not_given(tmp_path: Path)
 
 def test_empty_environment_values_are_ignored(tmp_path: Path) -> None:
     settings = load_settings(environ={"DLWATCHD_WATCH": "", "DLWATCHD_READ_ROOTS": ""})
-    assert settings.watch == "native"
+    assert settings.watch == "auto"
     assert settings.read_roots == []
 
 

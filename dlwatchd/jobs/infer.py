@@ -7,6 +7,7 @@ files it wrote and fails alone.
 
 from __future__ import annotations
 
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from dlwatchd.spool.layout import JOB_ID_RE
 from dlwatchd.spool.paths import resolve_read_path, resolve_write_dir
 
 _DECODE_THREADS = 2
+# Every file of a model folder a runtime may open (inference.CACHE_FILES, kept torch-free here).
+_MODEL_FILES = ("model.onnx", "model.pt", "metadata.json", "preprocessing.json")
 _DISK_MARGIN = 64 * 2**20
 
 
@@ -56,14 +59,28 @@ def find_model_dir(ctx: JobContext, request: InferenceRequestBase) -> Path:
         path = path.parent
     if not path.is_dir():
         raise DlwatchdError(ErrorCode.NOT_FOUND, f"The model folder '{raw}' does not exist.", field="model_path")
-    return path
+    return _check_model_files(path, ctx.read_roots, "model_path")
+
+
+def _check_model_files(folder: Path, roots: list[Path], where: str) -> Path:
+    """`folder`, once every model file in it resolves inside `roots`.
+
+    The runtimes open these files by name, following links, so a model.pt or model.onnx linked to a file
+    outside the roots would otherwise be read although its folder passed the check. Raises E_PATH_NOT_ALLOWED.
+    """
+    for name in _MODEL_FILES:
+        if os.path.lexists(folder / name):
+            resolve_read_path(str(folder / name), roots, field=where)
+    return folder
 
 
 def _by_id(ctx: JobContext, model_id: str, where: str) -> Path:
     for models_dir in ctx.model_dirs:
         candidate = models_dir / model_id
         if (candidate / "metadata.json").exists() or (candidate / "model.onnx").exists():
-            return candidate
+            # models/ sits in a shared spool: an entry linked out of it must still land in a trusted folder.
+            roots = [*ctx.model_dirs, *ctx.read_roots]
+            return _check_model_files(resolve_read_path(str(candidate), roots, field=where), roots, where)
     raise DlwatchdError(
         ErrorCode.NOT_FOUND,
         f"There is no model '{model_id}'.",

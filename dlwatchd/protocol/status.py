@@ -131,6 +131,7 @@ class DaemonHealth(BaseModel):
     lanes: dict[str, dict[str, Any]] = Field(default_factory=dict)
     watcher: Literal["native", "polling"]
     watcher_alive: bool = True
+    watcher_reason: str | None = Field(None, description="why the watcher polls when native events were possible")
     last_full_scan: str | None = None
     rescan_interval_s: float
     counters: DaemonCounters = Field(default_factory=DaemonCounters)

@@ -2,9 +2,9 @@
 
 Every path a request names (`data_path`, tile paths, `model_path`, `output_dir`) passes through here before
 anything is opened or created. Symlinks are followed while checking, so a link inside a root that points out
-of it is refused; the file finally read is opened without following a last-moment symlink
-(`open_regular_file`), so the file read is the file checked. A folder swapped for a symlink between the check
-and the open is not caught; the roots are meant to be folders other users cannot write to.
+of it is refused. The file finally read is opened one path component at a time, none of them followed if it
+is a symlink (`open_regular_file`), so a file or a folder on the way swapped for a symlink between the check and
+the open is refused, and the file read is the file checked.
 
 Torch- and numpy-free: the supervisor validates paths at intake with these functions.
 """
@@ -66,7 +66,12 @@ def _resolve(raw: str, roots: list[Path], field: str) -> Path:
     checked = _check_form(raw, field)
     # realpath (non-strict) follows every existing link and appends missing components lexically, so neither
     # a link on the way nor `missing/../..` can leave a root unnoticed; it never raises for absent paths.
-    target = Path(os.path.realpath(checked))
+    try:
+        target = Path(os.path.realpath(checked))
+    except OSError as exc:
+        # A component vanished or turned into a link loop while it was being resolved (a concurrent swap).
+        code = ErrorCode.NOT_FOUND if isinstance(exc, FileNotFoundError) else ErrorCode.PATH_NOT_ALLOWED
+        raise DlwatchdError(code, f"{field} {_shown(raw)} cannot be resolved: {exc.strerror}.", field=field) from None
     if not any(target.is_relative_to(os.path.realpath(root)) for root in roots):
         raise _refuse(field, f"{field} {_shown(raw)} is outside the allowed folders.", _ROOTS_HINT)
     return target
@@ -92,28 +97,31 @@ def resolve_write_dir(raw: str, roots: list[Path], *, field: str) -> Path:
 
 
 def open_regular_file(path: Path) -> int:
-    """Open `path` read-only without following a final symlink; returns the fd (the caller closes it).
+    """Open `path` read-only, following no symlink anywhere on the way; returns the fd (the caller closes it).
 
-    Raises E_PATH_NOT_ALLOWED if the last component is a symlink (swapped in after the path check),
-    E_NOT_FOUND if it is missing, E_PERMISSION if unreadable, E_IMAGE_READ if it is not a regular file
-    (folder, FIFO, device) or cannot be opened for another reason.
+    `path` is an absolute real path (as `resolve_read_path` returns it). Each folder on the way is opened
+    relative to the previous one without following links, so a folder or the file itself swapped for a symlink
+    after the path check is refused instead of leading out of the roots. Raises E_PATH_NOT_ALLOWED for a
+    symlink (or a `.`/`..` component) on the way, E_NOT_FOUND if something is missing, E_PERMISSION if
+    unreadable, E_IMAGE_READ if it is not a regular file (folder, FIFO, device) or cannot be opened otherwise.
     """
+    path = Path(path)
     # O_NONBLOCK keeps a FIFO planted under an image's name from blocking the worker in open().
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise DlwatchdError(ErrorCode.NOT_FOUND, f"The file {path} does not exist.") from None
-    except PermissionError:
-        raise DlwatchdError(ErrorCode.PERMISSION, f"The daemon may not read the file {path}.") from None
-    except OSError as exc:
-        if os.path.islink(path):
-            raise DlwatchdError(
-                ErrorCode.PATH_NOT_ALLOWED,
-                f"The file {path} is a symbolic link; links are not followed when files are opened.",
-                hint="Replace the link with the file itself.",
-            ) from None
-        raise DlwatchdError(ErrorCode.IMAGE_READ, f"The file {path} cannot be opened: {exc.strerror}.") from None
+    if not path.is_absolute() or os.open not in os.supports_dir_fd:
+        fd = _open_component(path, str(path), flags, None)
+    else:
+        parts = path.parts
+        dir_fd = os.open(parts[0], os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_DIRECTORY", 0))
+        try:
+            for index, name in enumerate(parts[1:-1], start=2):
+                folder_flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_DIRECTORY", 0)
+                next_fd = _open_component(Path(*parts[:index]), name, folder_flags, dir_fd, folder=True)
+                os.close(dir_fd)
+                dir_fd = next_fd
+            fd = _open_component(path, parts[-1], flags, dir_fd)
+        finally:
+            os.close(dir_fd)
     try:
         mode = os.fstat(fd).st_mode
     except OSError as exc:
@@ -123,3 +131,30 @@ def open_regular_file(path: Path) -> int:
         os.close(fd)
         raise DlwatchdError(ErrorCode.IMAGE_READ, f"{path} is not a regular file.")
     return fd
+
+
+def _open_component(shown: Path, name: str, flags: int, dir_fd: int | None, *, folder: bool = False) -> int:
+    """Open one component `name` (relative to `dir_fd`, when given) without following it; errors name `shown`."""
+    what = "folder" if folder else "file"
+    if name in (".", ".."):
+        raise DlwatchdError(ErrorCode.PATH_NOT_ALLOWED, f"The path {shown} holds a '{name}' component.")
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise DlwatchdError(ErrorCode.NOT_FOUND, f"The {what} {shown} does not exist.") from None
+    except PermissionError:
+        raise DlwatchdError(ErrorCode.PERMISSION, f"The daemon may not read the {what} {shown}.") from None
+    except OSError as exc:
+        try:
+            is_link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+        except OSError:
+            is_link = False
+        if is_link:
+            raise DlwatchdError(
+                ErrorCode.PATH_NOT_ALLOWED,
+                f"The {what} {shown} is a symbolic link; links are not followed when files are opened.",
+                hint="Replace the link with the file or folder itself.",
+            ) from None
+        if folder:
+            raise DlwatchdError(ErrorCode.NOT_FOUND, f"The folder {shown} cannot be opened: {exc.strerror}.") from None
+        raise DlwatchdError(ErrorCode.IMAGE_READ, f"The file {shown} cannot be opened: {exc.strerror}.") from None

@@ -488,7 +488,7 @@ class Supervisor:
             self._full_scan()
         elif self.reason and self.reason.startswith("the filesystem watcher"):
             self.reason = None
-        elif self.watcher.error and self.reason is None and self.settings.watch == "native":
+        elif self.watcher.error and self.reason is None and self.settings.watch != "polling":
             self.reason = self.watcher.error
         if self.state in ("ready", "degraded"):
             self.state = "degraded" if self.reason else "ready"

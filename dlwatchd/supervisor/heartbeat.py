@@ -96,6 +96,7 @@ def build_health(sup: Supervisor) -> DaemonHealth:
         lanes={name: lane.describe() for name, lane in sup.lanes.items()},
         watcher=sup.watcher.mode,
         watcher_alive=sup.watcher.alive,
+        watcher_reason=sup.watcher.reason,
         last_full_scan=sup.last_full_scan,
         rescan_interval_s=sup.settings.rescan_interval,
         counters=sup.counters,

@@ -17,6 +17,8 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
 
+from dlwatchd.watch.filesystems import filesystem_type, is_network_filesystem
+
 logger = logging.getLogger("dlwatchd.watch")
 
 # watchdog's inotify backend holds every IN_MOVED_FROM for up to 0.5 s hoping to pair it with its
@@ -89,14 +91,27 @@ class HintWatcher:
         self.hints: queue.SimpleQueue[Path] = queue.SimpleQueue()
         self.wakeup = wakeup
         self.error: str | None = None
+        # Set when `auto` chose polling because the spool lies on a network filesystem (its type).
+        self.network_filesystem: str | None = None
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._jobs: dict[str, ObservedWatch] = {}
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        """Start native watching when asked for; on any failure, fall back to polling and record why."""
+        """Start native watching when asked for; on any failure, fall back to polling and record why.
+
+        `auto` polls a spool on a network filesystem, whose events from other hosts never arrive, and
+        watches natively anywhere else.
+        """
         self.mode = "polling"
-        if self.requested_mode != "native":
+        if self.requested_mode == "auto":
+            fstype = filesystem_type(self.spool)
+            if is_network_filesystem(fstype):
+                if self.network_filesystem is None:
+                    logger.info("the spool is on a network filesystem (%s): polling every rescan interval", fstype)
+                self.network_filesystem = fstype
+                return
+        elif self.requested_mode != "native":
             return
         try:
             _shorten_move_pairing()
@@ -117,8 +132,17 @@ class HintWatcher:
     def alive(self) -> bool:
         """False when native watching was requested but its thread is not running."""
         if self.mode == "polling":
-            return self.requested_mode == "polling" or self.error is not None
+            return self.requested_mode == "polling" or self.network_filesystem is not None or self.error is not None
         return self._observer is not None and self._observer.is_alive()
+
+    @property
+    def reason(self) -> str | None:
+        """Why the watcher polls although native watching was not ruled out by the settings, if it does."""
+        if self.mode != "polling" or self.requested_mode == "polling":
+            return None
+        if self.network_filesystem is not None:
+            return f"the spool is on a network filesystem ({self.network_filesystem})"
+        return self.error
 
     def restart(self) -> None:
         self.stop()
