@@ -34,7 +34,7 @@ demo: install
 	$(BIN)/dlwatchd demo
 
 # docs/schemas/: one JSON Schema per name `dlwatchd schema NAME` accepts, plus requests.json for every request.
-SCHEMA_NAMES = $(BIN)/python -c "from dlwatchd.protocol.requests import REQUEST_MODELS; print(*REQUEST_MODELS, 'status', 'health')"
+SCHEMA_NAMES = $(BIN)/python -c "from dlwatchd.protocol.requests import REQUEST_MODELS; print(*REQUEST_MODELS, 'status', 'heartbeat')"
 
 schemas: install
 	@mkdir -p docs/schemas

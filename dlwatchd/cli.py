@@ -100,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spool(listing)
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 
-    schema = commands.add_parser("schema", help="print the JSON Schema of a request kind, status or health")
-    schema.add_argument("kind", nargs="?", help="a request kind, 'status' or 'health' (default: every request)")
+    schema = commands.add_parser("schema", help="print the JSON Schema of a request kind, status.json or a heartbeat")
+    schema.add_argument(
+        "kind", nargs="?", help="a request kind, 'status' or 'heartbeat' (daemons/<id>.json; default: every request)"
+    )
 
     validate = commands.add_parser("validate", help="check a request file offline, as the daemon would")
     validate.add_argument("file", type=Path)

@@ -100,7 +100,7 @@ def expected_settings() -> set[str]:
 
 def run_parser() -> Any:
     parser = build_parser()
-    commands = next(a for a in parser._actions if a.dest == "command")
+    commands: Any = next(a for a in parser._actions if a.dest == "command")
     return commands.choices["run"]
 
 
@@ -220,7 +220,7 @@ def schema_names() -> list[str]:
     with pytest.raises(DlwatchdError) as error:
         schema_for("no-such-schema")
     listed = error.value.message.split("valid names are: ", 1)[1].rstrip(".").split(", ")
-    assert set(listed) == {*REQUEST_MODELS, "status", "health"}
+    assert set(listed) == {*REQUEST_MODELS, "status", "heartbeat"}
     return listed
 
 
@@ -235,7 +235,7 @@ def test_one_schema_file_per_name() -> None:
     assert present == sorted([*(f"{name}.json" for name in names), "requests.json"])
 
 
-@pytest.mark.parametrize("name", [*sorted({*REQUEST_MODELS, "status", "health"}), None])
+@pytest.mark.parametrize("name", [*sorted({*REQUEST_MODELS, "status", "heartbeat"}), None])
 def test_schema_file_equals_the_generated_schema(name: str | None) -> None:
     path = SCHEMAS / f"{name or 'requests'}.json"
     assert path.exists(), f"{path.relative_to(ROOT)} is missing; run `make schemas`"

@@ -10,7 +10,10 @@ from dlwatchd.errors import DlwatchdError, ErrorCode
 
 
 def schema_for(name: str | None) -> dict[str, Any]:
-    """The JSON Schema of one request kind, of 'status' or 'health', or of every request (None).
+    """The JSON Schema of one request kind, of 'status', of 'heartbeat' (a daemon's health), or of every request.
+
+    `None` means every request (the union on `kind`). The daemon's health record is named 'heartbeat' because
+    `health` is the request kind that asks for it.
 
     Raises DlwatchdError(E_NOT_FOUND) listing the valid names.
     """
@@ -19,7 +22,7 @@ def schema_for(name: str | None) -> dict[str, Any]:
 
     if name is None:
         return request_adapter().json_schema()
-    documents: dict[str, type[BaseModel]] = {"status": JobStatus, "health": DaemonHealth, **REQUEST_MODELS}
+    documents: dict[str, type[BaseModel]] = {**REQUEST_MODELS, "status": JobStatus, "heartbeat": DaemonHealth}
     if name not in documents:
         raise DlwatchdError(
             ErrorCode.NOT_FOUND,
