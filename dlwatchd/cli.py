@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -155,25 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class JournalFormatter(logging.Formatter):
-    """`<N>` syslog priority prefixes, which journald turns into real log levels."""
-
-    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
-
-    def format(self, record: logging.LogRecord) -> str:
-        priority = self.PRIORITIES.get(record.levelno, 6)
-        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
-
-
 def configure_logging(verbosity: int) -> None:
     """One line per event on stderr; under systemd (JOURNAL_STREAM set) with `<N>` priority prefixes."""
-    level = max(logging.DEBUG, logging.INFO - 10 * verbosity)
-    handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
-        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
+    from dlwatchd.journal import configure_stderr_logging
+
+    configure_stderr_logging(max(logging.DEBUG, logging.INFO - 10 * verbosity))
 
 
 def _spool(args: argparse.Namespace) -> Path:

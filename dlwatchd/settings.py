@@ -147,14 +147,31 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """The settings table of a TOML config file (top level, or a `[dlwatchd]` table)."""
+    """The settings table of a TOML config file: its top level, or its `[dlwatchd]` table when it has one.
+
+    With a `[dlwatchd]` table the other top-level tables belong to other tools and are skipped, but a setting's
+    name among them (`[retention]`, `spool = ...`) is an error (E_SCHEMA): it would otherwise be dropped silently.
+    """
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise DlwatchdError(ErrorCode.NOT_FOUND, f"The config file {path} does not exist.") from exc
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise DlwatchdError(ErrorCode.SCHEMA, f"The config file {path} cannot be read: {exc}.") from exc
-    return dict(data.get("dlwatchd", data))
+    if "dlwatchd" not in data:
+        return data
+    table = data["dlwatchd"]
+    if not isinstance(table, dict):
+        raise DlwatchdError(ErrorCode.SCHEMA, f"In the config file {path}, 'dlwatchd' must be a table.")
+    outside = sorted(set(data) & set(Settings.model_fields))
+    if outside:
+        raise DlwatchdError(
+            ErrorCode.SCHEMA,
+            f"The config file {path} has a [dlwatchd] table, so {', '.join(outside)} outside it would be ignored.",
+            hint=f"Move {', '.join(outside)} into the [dlwatchd] table (e.g. [dlwatchd.retention]).",
+            field=outside[0],
+        )
+    return dict(table)
 
 
 def load_settings(

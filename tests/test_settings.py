@@ -94,6 +94,19 @@ def test_a_dlwatchd_table_in_toml_works(tmp_path: Path) -> None:
     assert settings.rescan_interval == 0.5
 
 
+def test_a_setting_outside_the_dlwatchd_table_is_an_error_not_ignored(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "c.toml", '[dlwatchd]\nwatch = "polling"\n\n[retention]\ndone_days = 3\n')
+    with pytest.raises(DlwatchdError) as error:
+        load_settings(config_file=config, environ={})
+    assert error.value.code == ErrorCode.SCHEMA
+    assert "retention" in error.value.message and "[dlwatchd.retention]" in (error.value.hint or "")
+
+
+def test_a_retention_table_inside_the_dlwatchd_table_works(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "c.toml", '[dlwatchd]\nwatch = "polling"\n\n[dlwatchd.retention]\ndone_days = 3\n')
+    assert load_settings(config_file=config, environ={}).retention.done_days == 3
+
+
 def test_the_environment_overrides_the_file(tmp_path: Path) -> None:
     config = write_toml(
         tmp_path / "c.toml",

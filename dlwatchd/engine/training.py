@@ -341,6 +341,9 @@ class Trainer:
                     )
                 self.history.append(record)
                 self.hooks.epoch_done(self.history)
+                self.hooks.log(
+                    f"epoch {epoch + 1}/{config.epochs}: the loss is not finite; the last good checkpoint stays"
+                )
                 continue  # the last good checkpoint stays as it is
             self.nonfinite_epochs = 0
             monitored = metrics["val_loss"] if self.stopper.monitor == "val_loss" else metrics["mean_iou"]
@@ -412,6 +415,7 @@ class Trainer:
         return record
 
     def _publish_epoch(self, record: dict[str, Any]) -> None:
+        self.hooks.log(epoch_line(record, self.config.epochs))
         self.hooks.progress(
             {
                 "phase": "train",
@@ -430,6 +434,21 @@ class Trainer:
             },
             True,
         )
+
+
+def epoch_line(record: dict[str, Any], total_epochs: int) -> str:
+    """One readable line of an epoch's figures for the job's log.txt."""
+
+    def figure(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else "n/a"
+
+    best = ", best so far" if record.get("is_best") else ""
+    return (
+        f"epoch {record['epoch']}/{total_epochs}: train loss {figure(record['train_loss'])}, "
+        f"val loss {figure(record['val_loss'])}, accuracy {figure(record['accuracy'])}, "
+        f"mean IoU {figure(record['mean_iou'])}, lr {record['learning_rate']:.3g}, "
+        f"{record['epoch_time_s']:.1f} s{best}"
+    )
 
 
 def copy_to_cpu(model: torch.nn.Module) -> torch.nn.Module:

@@ -7,7 +7,6 @@ job handlers, never here, so a worker starts fast and the supervisor stays free 
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import signal
 import sys
@@ -18,6 +17,7 @@ from typing import Any
 
 from dlwatchd.jobs._registry import build_registry
 from dlwatchd.jobs.runner import run_group, run_job
+from dlwatchd.journal import configure_stderr_logging
 
 _ORPHAN_POLL_S = 0.5
 WARM_MODULES = {
@@ -71,7 +71,7 @@ def worker_main(conn: Connection, lane: str, plugins: list[str], warm: bool, log
     # Ctrl-C reaches the whole process group; only the supervisor decides when a worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
-    logging.basicConfig(level=log_level, format=f"%(levelname)s worker[{lane}] %(message)s", stream=sys.stderr)
+    configure_stderr_logging(log_level, source=f"worker[{lane}] %(name)s")
     registry = build_registry(plugins)
     resources: dict[str, Any] = {}  # long-lived per worker: the model cache of the infer lane lives here
 

@@ -74,6 +74,9 @@ def test_a_training_publishes_a_complete_model(daemon, client: SpoolClient, spoo
     assert json.loads((client.layout.job_dir(job) / "history.json").read_text()) == history
     assert not (client.layout.job_dir(job) / "checkpoint.pt").exists()
     assert status.progress["epoch"] == 2
+    log = client.layout.log_path(job).read_text()
+    for epoch in (1, 2):
+        assert f"epoch {epoch}/2: train loss " in log and "mean IoU" in log, log
 
 
 def test_cancel_publishes_nothing(daemon, client: SpoolClient, spool: Path) -> None:
