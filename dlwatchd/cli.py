@@ -71,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--rescan-interval", type=float, help="seconds between full rescans (default 2)")
     run.add_argument("--http-port", type=int, help="serve the read-only HTTP shim on 127.0.0.1:PORT (off by default)")
+    run.add_argument(
+        "--executor",
+        choices=["local", "slurm"],
+        help="run trainings and inference in local workers (default) or as Slurm jobs ([slurm] settings)",
+    )
+
+    exec_job = commands.add_parser(
+        "exec-job", help="run one claimed job here (what a Slurm job of the slurm executor runs on its node)"
+    )
+    exec_job.add_argument("--spool", type=Path, required=True, help="the spool, as the node sees it")
+    exec_job.add_argument("job_id", help="the claimed job to run")
 
     submit = commands.add_parser("submit", help="publish a request file into the spool")
     _add_spool(submit)
@@ -179,6 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "watch": args.watch,
         "rescan_interval": args.rescan_interval,
         "http_port": args.http_port,
+        "executor": args.executor,
     }
     try:
         settings = load_settings(config_file=args.config, overrides=overrides)
@@ -380,8 +392,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_exec_job(args: argparse.Namespace) -> int:
+    from dlwatchd.slurm.node import exec_job
+
+    return exec_job(args.spool.expanduser().absolute(), args.job_id)
+
+
 COMMANDS = {
     "run": cmd_run,
+    "exec-job": cmd_exec_job,
     "submit": cmd_submit,
     "status": cmd_status,
     "cancel": cmd_marker,

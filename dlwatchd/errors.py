@@ -30,6 +30,7 @@ class ErrorCode(str, Enum):
     PERMISSION = "E_PERMISSION"
     WORKER_DIED = "E_WORKER_DIED"
     INTERRUPTED = "E_INTERRUPTED"
+    SCHEDULER = "E_SCHEDULER"
     INTERNAL = "E_INTERNAL"
 
     def __str__(self) -> str:

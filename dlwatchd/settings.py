@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dlwatchd.errors import DlwatchdError, ErrorCode
+from dlwatchd.slurm.config import SlurmSettings
 from dlwatchd.spool.layout import DAEMON_ID_RE, short_hostname
 
 if sys.version_info >= (3, 11):
@@ -76,6 +77,8 @@ class Settings(BaseModel):
     weights_dir: Path = Field(default_factory=default_weights_dir, description="offline encoder weights store")
     model_dirs: list[Path] = Field(default_factory=list, description="extra folders of models to list and run")
     http_port: int | None = Field(None, ge=1, le=65535, description="localhost-only read-only HTTP shim")
+    executor: Literal["local", "slurm"] = Field("local", description="where train and inference jobs run")
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
 
     @field_validator("daemon_id")
     @classmethod
@@ -127,6 +130,7 @@ _ENV_FIELDS: dict[str, str] = {
     "WEIGHTS_DIR": "weights_dir",
     "MODEL_DIRS": "model_dirs",
     "HTTP_PORT": "http_port",
+    "EXECUTOR": "executor",
 }
 _LIST_FIELDS = {"read_roots", "write_roots", "model_dirs", "plugins"}
 

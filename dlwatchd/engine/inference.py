@@ -46,6 +46,9 @@ TRANSFORMS = (
 )
 GPU_PROVIDERS = {"cuda": "CUDAExecutionProvider", "mps": "CoreMLExecutionProvider"}
 OOM_TEXTS = ("out of memory", "failed to allocate memory")
+# Pixels per forward pass: one 512x512 tile (or four of 256x256) on a CPU; sixteen 512x512 tiles on a GPU.
+_CPU_PIXELS_PER_PASS = 512 * 512
+_GPU_PIXELS_PER_PASS = 16 * 512 * 512
 
 
 @dataclass
@@ -146,6 +149,9 @@ def _load_onnx(info: ModelInfo, path: Path, use_gpu: bool, warnings: list[str]) 
     # torch's default thread count is the physical core count; hyper-threads only slow convolutions down.
     options.intra_op_num_threads = torch.get_num_threads()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Trained weights and activations hold many denormal floats, which CPUs compute many times slower; flushing
+    # them to zero changes no probability visibly (they are below 1e-38) and saves a large share of the time.
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
     session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
     used = list(session.get_providers())
     if len(providers) > 1 and used[0] != wanted:
@@ -375,6 +381,12 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, dict):
         return tuple(sorted((str(key), _canonical(item)) for key, item in value.items()))
     return value
+
+
+def pixels_per_pass(model: LoadedModel) -> int:
+    """How many input pixels one forward pass should hold: small on a CPU, where a batch of big tiles only thrashes
+    the caches without running faster per tile; large on a GPU, which needs big batches to be busy."""
+    return _GPU_PIXELS_PER_PASS if model.device.startswith("cuda") else _CPU_PIXELS_PER_PASS
 
 
 def predict_probabilities(

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from dlwatchd.spool.layout import JOB_ID_RE
 from dlwatchd.spool.paths import resolve_read_path, resolve_write_dir
 
 _DECODE_THREADS = 2
+_DECODE_AHEAD = 8  # tiles decoded ahead of the forward passes: enough to hide decoding, bounded in memory
 # Every file of a model folder a runtime may open (inference.CACHE_FILES, kept torch-free here).
 _MODEL_FILES = ("model.onnx", "model.pt", "metadata.json", "preprocessing.json")
 _DISK_MARGIN = 64 * 2**20
@@ -103,8 +107,8 @@ def _decode(part: _Request, index: int, selected: list[int] | None, normalizer: 
     return np.ascontiguousarray(normalized.transpose(2, 0, 1))
 
 
-def _prepare(part: _Request, model: Any, pool: ThreadPoolExecutor) -> list[Any]:
-    """Check the request against the model and start decoding its tiles; returns the futures."""
+def _prepare(part: _Request, model: Any, pool: ThreadPoolExecutor) -> list[Callable[[], Future[np.ndarray]]]:
+    """Check the request against the model; returns one call per tile that starts decoding it in `pool`."""
     from dlwatchd.engine.inference import resolve_normalization
     from dlwatchd.engine.normalization import Normalizer
 
@@ -121,7 +125,7 @@ def _prepare(part: _Request, model: Any, pool: ThreadPoolExecutor) -> list[Any]:
     part.warnings += model.warnings + warnings
     selected = config.selected_channels or info.selected_channels or None
     normalizer = Normalizer(normalization)
-    return [pool.submit(_decode, part, i, selected, normalizer) for i in range(len(request.tiles))]
+    return [partial(pool.submit, _decode, part, i, selected, normalizer) for i in range(len(request.tiles))]
 
 
 def _check_channels(part: _Request, image: np.ndarray, index: int, expected: int) -> None:
@@ -214,10 +218,12 @@ def _fail(part: _Request, error: BaseException) -> None:
 def run_infer_group(contexts: list[JobContext]) -> list[Any]:
     """Run inference requests that share a model; one result dict or exception per context, in order.
 
-    Tiles of all requests are processed in chunks: a chunk's tiles (possibly of several requests) share
-    forward passes, then each probability map goes straight to its request, so memory stays bounded.
+    Three stages overlap: tiles are decoded and normalized in a small thread pool, forward passes run here on
+    batches of about `pixels_per_pass` pixels (possibly mixing requests), and each probability map is written
+    by one writer thread while the next batch computes. At most two batches wait for the writer, so memory stays
+    bounded whatever the request size.
     """
-    from dlwatchd.engine.inference import ModelCache, predict_probabilities
+    from dlwatchd.engine.inference import ModelCache, pixels_per_pass
 
     parts = [_Request(ctx, ctx.request) for ctx in contexts]  # type: ignore[arg-type]
     options = parts[0].request.options
@@ -228,44 +234,46 @@ def run_infer_group(contexts: list[JobContext]) -> list[Any]:
         )
     except Exception as exc:
         return [exc] * len(parts)
-    chunk = max(16, options.max_batch)
-    with ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="decode") as pool:
-        work: list[tuple[_Request, int, Any]] = []
+    budget = pixels_per_pass(model)
+    lock = threading.Lock()  # a request's lists change in the writer thread and, on failure, here
+    with (
+        ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="decode") as pool,
+        ThreadPoolExecutor(1, thread_name_prefix="write") as writer,
+    ):
+        work: list[tuple[_Request, int, Callable[[], Future[np.ndarray]]]] = []
         for part in parts:
             try:
-                work += [(part, index, future) for index, future in enumerate(_prepare(part, model, pool))]
+                work += [(part, index, start) for index, start in enumerate(_prepare(part, model, pool))]
             except Exception as exc:
                 _fail(part, exc)
-        for start in range(0, len(work), chunk):
-            batch: list[tuple[_Request, int, np.ndarray]] = []
-            for part, index, future in work[start : start + chunk]:
-                if part.error is not None:
+        decoding: dict[int, Future[np.ndarray]] = {}
+        pending: list[list[Future[None]]] = []
+        batch: list[tuple[_Request, int, np.ndarray]] = []
+        for position, (part, index, _) in enumerate(work):
+            for ahead in range(position, min(len(work), position + _DECODE_AHEAD)):
+                if ahead not in decoding and work[ahead][0].error is None:
+                    decoding[ahead] = work[ahead][2]()
+            future = decoding.pop(position, None)
+            if part.error is not None or future is None:
+                if future is not None:
                     future.cancel()
-                    continue
+            else:
                 try:
                     part.ctx.check_cancel()
                     image = future.result()
                     _check_channels(part, image, index, model.in_channels)
                     batch.append((part, index, image))
                 except Exception as exc:
-                    _fail(part, exc)
-            live = [item for item in batch if item[0].error is None]
-            if not live:
-                continue
-            try:
-                probabilities = predict_probabilities(
-                    model, [image for _, _, image in live], tta=options.tta, max_batch=options.max_batch
-                )
-            except Exception as exc:
-                for part, _, _ in live:
-                    _fail(part, exc)
-                continue
-            for (part, index, _), probs in zip(live, probabilities, strict=True):
-                if part.error is None:
-                    try:
-                        _store(part, index, probs)
-                    except Exception as exc:
+                    with lock:
                         _fail(part, exc)
+            pixels = sum(image.shape[1] * image.shape[2] for _, _, image in batch)
+            if batch and (pixels >= budget or len(batch) >= options.max_batch or position == len(work) - 1):
+                while len(pending) >= 2:  # back-pressure: the writer is two batches behind
+                    wait(pending.pop(0))
+                pending.append(_compute(model, batch, options, writer, lock))
+                batch = []
+        for futures in pending:
+            wait(futures)
     for part in parts:
         if part.error is None:
             try:
@@ -273,6 +281,40 @@ def run_infer_group(contexts: list[JobContext]) -> list[Any]:
             except Exception as exc:
                 _fail(part, exc)
     return [part.error if part.error is not None else part.result for part in parts]
+
+
+def _compute(
+    model: Any, batch: list[tuple[_Request, int, np.ndarray]], options: Any, writer: Executor, lock: threading.Lock
+) -> list[Future[None]]:
+    """One forward pass over `batch`; hands each tile's probabilities to the writer and returns its futures."""
+    from dlwatchd.engine.inference import predict_probabilities
+
+    live = [item for item in batch if item[0].error is None]
+    if not live:
+        return []
+    try:
+        probabilities = predict_probabilities(
+            model, [image for _, _, image in live], tta=options.tta, max_batch=options.max_batch
+        )
+    except Exception as exc:
+        with lock:
+            for part, _, _ in live:
+                _fail(part, exc)
+        return []
+    return [
+        writer.submit(_store_guarded, part, index, probs, lock)
+        for (part, index, _), probs in zip(live, probabilities, strict=True)
+    ]
+
+
+def _store_guarded(part: _Request, index: int, probabilities: np.ndarray, lock: threading.Lock) -> None:
+    with lock:
+        if part.error is not None:
+            return
+        try:
+            _store(part, index, probabilities)
+        except Exception as exc:
+            _fail(part, exc)
 
 
 def run_infer(ctx: JobContext, request: InferenceRequestBase) -> dict[str, Any]:

@@ -91,6 +91,9 @@ class JobStatus(BaseModel):
     client: dict[str, Any] | None = None
     meta: dict[str, Any] | None = None
     notes: list[str] = Field(default_factory=list, description="state-machine events such as resumed_after_restart")
+    executor: dict[str, Any] | None = Field(
+        None, description="where the job runs when not in a local worker, e.g. its Slurm job id, state and reason"
+    )
 
 
 DaemonState = Literal["starting", "ready", "degraded", "stopping"]

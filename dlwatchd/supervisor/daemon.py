@@ -17,30 +17,28 @@ from typing import Any
 
 from dlwatchd.http.shim import HttpShim, ShimSource, open_shim
 from dlwatchd.jobs._registry import LANES, KindRegistry, build_registry
-from dlwatchd.jobs.runner import SUSPENDED, run_job
-from dlwatchd.protocol.status import DaemonCounters, DaemonHealth, JobState, utc_now
+from dlwatchd.jobs.runner import SUSPENDED
+from dlwatchd.protocol.status import DaemonCounters, DaemonHealth, utc_now
 from dlwatchd.settings import Settings
 from dlwatchd.spool import control, retention
-from dlwatchd.spool.claims import claim_queued, commit_terminal, queued_ids, release_to_queue
+from dlwatchd.spool.claims import commit_terminal, queued_ids, release_to_queue
 from dlwatchd.spool.intake import Intake, IntakeReport
 from dlwatchd.spool.layout import SpoolLayout
 from dlwatchd.spool.status_file import StatusFile, read_status
 from dlwatchd.supervisor import reconciling
+from dlwatchd.supervisor.dispatch import dispatch
 from dlwatchd.supervisor.gpu_clear import GpuClear
 from dlwatchd.supervisor.heartbeat import PeerWatch, build_health, status_line, write_heartbeat
 from dlwatchd.supervisor.lanes import Lane, RunningJob
 from dlwatchd.supervisor.reload import reload_settings
 from dlwatchd.supervisor.sdnotify import Notifier
+from dlwatchd.supervisor.slurm_lane import OUTAGE_PREFIX, SlurmLane
 from dlwatchd.watch.hints import HintWatcher, Wakeup
 
 logger = logging.getLogger("dlwatchd.supervisor")
 
 _MAX_LOOP_FAILURES = 20
 _DEVICE_PROBE_S = 5.0
-# Inference requests on one model run together up to these limits, so several clients' single tiles
-# share one forward pass without making any one request wait long.
-_MAX_GROUP_JOBS = 8
-_MAX_GROUP_TILES = 64
 
 
 class Supervisor:
@@ -60,7 +58,13 @@ class Supervisor:
         self.wakeup = Wakeup()
         self.watcher = HintWatcher(settings.spool, settings.watch, self.wakeup)
         log_level = logging.getLogger().getEffectiveLevel()
-        self.lanes = {name: Lane(name, settings.plugins, settings.warm_workers, log_level) for name in LANES}
+        self.lanes: dict[str, Lane | SlurmLane] = {
+            name: Lane(name, settings.plugins, settings.warm_workers, log_level) for name in LANES
+        }
+        if settings.executor == "slurm":
+            # Query kinds stay in the local query worker; trainings and inference go to the cluster.
+            for name in ("train", "infer"):
+                self.lanes[name] = SlurmLane(name, settings, self.registry, log_level)
         self.intake = Intake(self.layout, self.registry, self.me, settings.max_request_bytes)
         self.peers = PeerWatch(self.layout, self.me, settings.dead_after)
         self.counters = DaemonCounters()
@@ -161,6 +165,10 @@ class Supervisor:
         self._device_asked = now
         lane.conn.send({"op": "device"})
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop
+
     def request_stop(self) -> None:
         self._stop = True
         self.wakeup.ring()
@@ -191,7 +199,8 @@ class Supervisor:
                 lane.suspend.set()  # trainings checkpoint at their next batch and go back to the queue
         self._heartbeat()
         deadline = time.monotonic() + self.settings.stop_timeout
-        while any(lane.jobs for lane in self.lanes.values()) and time.monotonic() < deadline:
+        local = [lane for lane in self.lanes.values() if not lane.outlives_supervisor]
+        while any(lane.jobs for lane in local) and time.monotonic() < deadline:
             self._wait(min(0.5, max(0.0, deadline - time.monotonic())))
             self._read_lanes()
         for lane in self.lanes.values():
@@ -223,7 +232,7 @@ class Supervisor:
             self._full_scan()
         if self.gpu_clear is not None and self.gpu_clear.advance():
             self.gpu_clear = None
-        self._dispatch()
+        dispatch(self)
         if now >= self._next_ping:
             self._ping_watchdog(now)
         if now >= self._next_beat:
@@ -332,90 +341,6 @@ class Supervisor:
         self.watcher.unwatch_job(job_id)
         self.warned = {item for item in self.warned if item[0] != job_id}
 
-    # ---- dispatch ---------------------------------------------------------------------------------
-
-    def _dispatch(self) -> None:
-        if self._stop or (self.reason and self.reason.startswith("spool folders")):
-            return
-        for job_id in list(self.queue):
-            kind_name = self.kind_of(job_id)
-            if kind_name is None or kind_name not in self.registry:
-                continue
-            kind = self.registry.get(kind_name)
-            if kind.lane is None:
-                if kind_name == "gpu-clear" and self.gpu_clear is not None:
-                    continue
-                claim = claim_queued(self.layout, job_id, self.me)
-                self.queue.remove(job_id)
-                if claim is not None:
-                    self._answer_locally(job_id, kind_name, claim)
-                continue
-            lane = self.lanes[kind.lane]
-            if not lane.idle or (self.gpu_clear is not None and self.gpu_clear.holds(kind.lane)):
-                continue
-            claim = claim_queued(self.layout, job_id, self.me)
-            self.queue.remove(job_id)
-            if claim is None:
-                continue  # another daemon was faster
-            group = [(job_id, claim)]
-            if kind.group_handler is not None:
-                group += self._claim_group(job_id, kind_name)
-            messages = [self._job_message(member, kind_name, path, lane.name) for member, path in group]
-            lane.run(messages, [RunningJob(m["job_id"], kind_name, m["claim"], m["attempt"]) for m in messages])
-
-    def _claim_group(self, first: str, kind: str) -> list[tuple[str, Path]]:
-        """Claim queued jobs that can run with `first` in one go (same kind and batch key), within limits."""
-        key = self.batch_keys.get(first)
-        if key is None:
-            return []
-        tiles = key[1]
-        group: list[tuple[str, Path]] = []
-        for job_id in list(self.queue):
-            other = self.batch_keys.get(job_id)
-            if len(group) + 1 >= _MAX_GROUP_JOBS or tiles >= _MAX_GROUP_TILES:
-                break
-            if other is None or other[0] != key[0] or self.kind_of(job_id) != kind:
-                continue
-            claim = claim_queued(self.layout, job_id, self.me)
-            self.queue.remove(job_id)
-            if claim is not None:
-                group.append((job_id, claim))
-                tiles += other[1]
-        return group
-
-    def _job_message(self, job_id: str, kind: str, claim: Path, lane: str) -> dict[str, Any]:
-        """Everything a runner needs to run one claimed job (it crosses the pipe to a worker)."""
-        status = read_status(self.layout.status_path(job_id))
-        return {
-            "spool": str(self.layout.root),
-            "job_id": job_id,
-            "kind": kind,
-            "claim": str(claim),
-            "daemon": self.me,
-            "attempt": status.attempt if status else 1,
-            "lane": lane,
-            "read_roots": [str(p) for p in self.settings.effective_read_roots()],
-            "write_roots": [str(p) for p in self.settings.effective_write_roots()],
-            "weights_dir": str(self.settings.weights_dir),
-            "model_dirs": [str(p) for p in self.settings.effective_model_dirs()],
-        }
-
-    def _answer_locally(self, job_id: str, kind: str, claim: Path) -> None:
-        """Kinds the supervisor answers itself: pure catalogue handlers, health, and gpu-clear over many turns."""
-        if self.registry.get(kind).handler is not None:
-            state = run_job(self._job_message(job_id, kind, claim, "supervisor"), self.registry, lambda message: None)
-            self._finish(RunningJob(job_id, kind, str(claim), 1), state)
-            return
-        writer = StatusFile(self.layout.status_path(job_id))
-        writer.update(state=JobState.RUNNING, daemon=self.me)
-        if kind == "gpu-clear":
-            self.gpu_clear = GpuClear(self, job_id, claim)
-            return
-        writer.update(state=JobState.SUCCEEDED, result=self.health().model_dump(mode="json"))
-        commit_terminal(self.layout, claim, job_id, "succeeded")
-        self.counters.completed += 1
-        self.forget(job_id)
-
     # ---- lanes ------------------------------------------------------------------------------------
 
     def _read_lanes(self) -> None:
@@ -430,6 +355,8 @@ class Supervisor:
                 self._on_lane_message(lane, message)
             if lane.process is not None and not lane.process.is_alive():
                 reconciling.on_worker_death(self, lane)
+            for job, state in lane.poll():
+                self._finish(job, state)
 
     def _on_lane_message(self, lane: Lane, message: dict[str, Any]) -> None:
         op = message.get("op")
@@ -490,6 +417,11 @@ class Supervisor:
             self.reason = None
         elif self.watcher.error and self.reason is None and self.settings.watch != "polling":
             self.reason = self.watcher.error
+        problems = [lane.problem for lane in self.lanes.values() if lane.problem]
+        if problems and self.reason is None:
+            self.reason = problems[0]
+        elif not problems and self.reason and self.reason.startswith(OUTAGE_PREFIX):
+            self.reason = None
         if self.state in ("ready", "degraded"):
             self.state = "degraded" if self.reason else "ready"
 

@@ -126,8 +126,7 @@ class GpuClear:
                 if control.settle_paused(layout, job_id, sup.me) == "cancelled":
                     sup.paused.discard(job_id)
                     self.cancelled.append(job_id)
-        running = sup.lanes["train"].job
-        if running is not None:
+        for running in sup.lanes["train"].jobs:  # one in a local worker, any number on Slurm
             layout.marker_path(running.job_id, "cancel").touch()
             self.cancelled.append(running.job_id)
         sup.refresh_queue()

@@ -49,6 +49,9 @@ class Lane:
     not_before: float = 0.0
     last_error: str | None = None
     suspend: Any = None  # a multiprocessing Event: set at shutdown so a training checkpoints and yields
+    groups = True  # inference requests on one model may run together in the worker
+    outlives_supervisor = False  # a stopping supervisor waits for the worker's jobs (bounded)
+    problem: str | None = None  # set when the lane cannot run jobs for a reason health should show
 
     @property
     def job(self) -> RunningJob | None:
@@ -85,6 +88,10 @@ class Lane:
         assert self.conn is not None
         self.jobs = list(running)
         self.conn.send({"op": "run", "jobs": messages})
+
+    def poll(self) -> list[tuple[RunningJob, str]]:
+        """Jobs that ended without a message on the pipe: none for a worker (its death is seen by the sentinel)."""
+        return []
 
     def finish(self, job_id: str) -> RunningJob | None:
         """Forget one job the worker reported done; returns it (None if unknown)."""

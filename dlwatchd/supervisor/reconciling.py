@@ -15,6 +15,8 @@ from dlwatchd.spool.claims import own_claims
 from dlwatchd.spool.intake import IntakeReport
 from dlwatchd.spool.joblog import append_job_log
 from dlwatchd.spool.recovery import reconcile, take_over
+from dlwatchd.spool.status_file import read_status
+from dlwatchd.supervisor.slurm_lane import SlurmLane
 
 if TYPE_CHECKING:
     from dlwatchd.supervisor.daemon import Supervisor
@@ -49,10 +51,23 @@ def recover_own(sup: Supervisor) -> None:
     sup.intake.recover_claims(sup.me, report)
     sup.count(report)
     for job_id, claim in own_claims(sup.layout, sup.me).items():
+        if _adopt_slurm_job(sup, job_id, claim):
+            continue
         outcome = reconcile(sup.layout, sup.registry, job_id, claim, sup.me, ErrorCode.INTERRUPTED)
         if outcome == "paused":
             sup.paused.add(job_id)
         logger.info("restart: job %s %s", job_id, outcome)
+
+
+def _adopt_slurm_job(sup: Supervisor, job_id: str, claim: Path) -> bool:
+    """A claimed job still (or recently) running as a Slurm job is followed again, never submitted twice."""
+    status = read_status(sup.layout.status_path(job_id))
+    if status is None or status.kind is None or status.state.terminal or status.kind not in sup.registry:
+        return False
+    lane = sup.lanes.get(sup.registry.get(status.kind).lane or "")
+    if not isinstance(lane, SlurmLane):
+        return False
+    return lane.adopt(job_id, status.kind, claim, status.attempt, sup.me)
 
 
 def adopt_orphans(sup: Supervisor) -> None:
@@ -74,6 +89,10 @@ def take_over_dead_peers(sup: Supervisor) -> None:
         sup.intake.recover_claims(dead, report)
         sup.count(report)
         outcomes = take_over(sup.layout, sup.registry, dead, sup.me)
+        for lane in sup.lanes.values():
+            if isinstance(lane, SlurmLane):
+                for job_id in outcomes:
+                    lane.cancel_stale(job_id)  # the dead daemon's Slurm job would only be fenced later
         for job_id, outcome in outcomes.items():
             if outcome == "paused":
                 sup.paused.add(job_id)
