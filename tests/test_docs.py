@@ -86,15 +86,15 @@ def configuration_table() -> dict[str, list[str]]:
     return rows
 
 
-def expected_settings() -> set[str]:
-    """Every Settings field, nested models spelled `outer.inner` (e.g. retention.done_days)."""
+def expected_settings(model: type[BaseModel] = Settings, prefix: str = "") -> set[str]:
+    """Every Settings field, nested models spelled `outer.inner` (retention.done_days, slurm.train.gres)."""
     names = set()
-    for name, field in Settings.model_fields.items():
+    for name, field in model.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            names |= {f"{name}.{inner}" for inner in annotation.model_fields}
+            names |= expected_settings(annotation, f"{prefix}{name}.")
         else:
-            names.add(name)
+            names.add(f"{prefix}{name}")
     return names
 
 

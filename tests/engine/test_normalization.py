@@ -245,3 +245,24 @@ def test_statistics_need_images_with_one_channel_count() -> None:
     with pytest.raises(DlwatchdError) as info:
         fit_dataset_stats([raw_image(1, 3), raw_image(2, 2)], NormalizationConfig(scope="dataset"))
     assert info.value.code == ErrorCode.CHANNELS
+
+
+@pytest.mark.parametrize("high", [1, 255, 4095, 65535])
+@pytest.mark.parametrize("percentile", [99.0, 99.5, 75.3, 100.0])
+def test_the_histogram_percentiles_of_integer_pixels_equal_numpys(high: int, percentile: float) -> None:
+    from dlwatchd.engine.normalization import _integer_percentiles
+
+    rng = np.random.default_rng(high)
+    for size in (1, 2, 7, 1000, 4097):
+        sample = rng.integers(0, high + 1, size).astype(np.float32)
+        expected = (float(np.percentile(sample, 100 - percentile)), float(np.percentile(sample, percentile)))
+        assert _integer_percentiles(sample, (100 - percentile, percentile)) == expected
+
+
+def test_non_integer_or_out_of_range_pixels_take_numpys_own_path() -> None:
+    from dlwatchd.engine.normalization import _integer_percentiles
+
+    assert _integer_percentiles(np.array([0.5, 1.0], np.float32), (1.0, 99.0)) is None
+    assert _integer_percentiles(np.array([-1.0, 3.0], np.float32), (1.0, 99.0)) is None
+    assert _integer_percentiles(np.array([70000.0], np.float32), (1.0, 99.0)) is None
+    assert _integer_percentiles(np.array([1.0, 2.0]), (1.0, 99.0)) is None  # float64 data
