@@ -29,6 +29,8 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/pickup_latency.py
 	$(BIN)/python benchmarks/supervisor_footprint.py
+	$(BIN)/python benchmarks/infer_throughput.py
+	$(BIN)/python benchmarks/train_throughput.py
 
 demo: install
 	$(BIN)/dlwatchd demo

@@ -7,7 +7,8 @@ export_onnx into a throwaway spool's models/ with percentile_99 tile-scope metad
   (a) the reference's way: Pillow decode, numpy percentile_99, an ONNX Runtime session with default options,
       numpy softmax, ndarray.tofile, one tile at a time; ONNX Runtime alone is the sum of its session.run calls
   (b) dlwatchd, warm daemon, one infer-pixel request with every tile, precision fp32 (ONNX Runtime)
-  (c) the same with precision bf16 (PyTorch bf16 autocast, channels_last); where this CPU has no native bf16
+  (c) the same with precision int8 (model.int8.onnx, static QDQ quantization calibrated on 8 held-out crops)
+      and with precision bf16 (PyTorch bf16 autocast, channels_last); where this CPU has no native bf16
       the request holds a subset of the tiles (emulated bf16 is several times slower; --bf16-tiles overrides)
 
 Then the bf16/fp32 agreement, single-tile 256x256 latency against the model's own compute time, and 4 clients
@@ -170,6 +171,21 @@ def train(model: Any, plan: Plan, folder: Path) -> str:
     )
 
 
+def calibration_tiles(folder: Path, size: int) -> list[np.ndarray]:
+    """Normalized size x size crops of synth scenes the benchmark never times, as a training's validation tiles."""
+    from PIL import Image
+
+    from dlwatchd.engine.normalization import NormalizationConfig, Normalizer
+
+    normalizer = Normalizer(NormalizationConfig.from_dict(NORMALIZATION))
+    images, _ = write_tiles(folder, 8, TILE, seed=202)
+    crops = []
+    for path in images:
+        rgb = np.asarray(Image.open(path).convert("RGB"))[:size, :size]
+        crops.append(normalizer.apply(rgb)[0].transpose(2, 0, 1))
+    return crops
+
+
 def make_model_folder(folder: Path, plan: Plan, scratch: Path) -> tuple[str, str]:
     """model.pt, model.onnx, metadata.json, preprocessing.json; returns (training summary, export summary)."""
     import torch
@@ -177,6 +193,7 @@ def make_model_folder(folder: Path, plan: Plan, scratch: Path) -> tuple[str, str
     from dlwatchd.artifacts.metadata import build_metadata, build_preprocessing
     from dlwatchd.engine.models import create_model
     from dlwatchd.engine.onnx_export import export_onnx
+    from dlwatchd.engine.quantize import INT8_NAME, quantize_onnx
 
     torch.manual_seed(0)
     model = create_model("unet", "resnet34", 3, 3)
@@ -189,6 +206,12 @@ def make_model_folder(folder: Path, plan: Plan, scratch: Path) -> tuple[str, str
     exported = (
         f"ONNX export {time.perf_counter() - started:.1f} s, verified {record['verified']}, "
         f"max diff {record.get('max_abs_diff', float('nan')):.1e}"
+    )
+    int8 = quantize_onnx(folder / "model.onnx", folder / INT8_NAME, calibration_tiles(scratch / "calibration", size))
+    record["int8"] = int8
+    exported += (
+        f"; int8 export {int8.get('seconds', 0):.1f} s on {int8.get('calibration_tiles', 0)} {size} px tiles, "
+        f"verified {int8['verified']}, argmax agreement with fp32 there {100 * int8.get('agreement', 0):.2f} %"
     )
     metadata = build_metadata(
         model_id=MODEL_ID,
@@ -518,8 +541,10 @@ def main() -> None:
         client = SpoolClient(spool)
         try:
             fp32, fp32_dir = throughput(client, spool, tiles, "fp32")
+            int8, int8_dir = throughput(client, spool, tiles, "int8")
             bf16, bf16_dir = throughput(client, spool, tiles[:bf16_count], "bf16")
             report_daemon("(b) fp32", fp32, n, rate_a, rate_ort)
+            report_daemon("(c) int8", int8, n, rate_a, rate_ort)
             report_daemon("(c) bf16", bf16, bf16_count, rate_a, rate_ort)
             if not cpu["bf16_native"]:
                 say(
@@ -527,9 +552,14 @@ def main() -> None:
                     f"anyway; (c) ran {bf16_count} of the {n} tiles",
                 )
             stems = [path.stem for path in tiles]
+            int8_agree, int8_worst, int8_pixels = agreement(fp32_dir, int8_dir, stems)
             agree, worst, pixels = agreement(fp32_dir, bf16_dir, stems[:bf16_count])
             ref_agree, ref_worst, _ = agreement(reference_dir, fp32_dir, stems)
             say(f"\nagreement ({len(CLASSES)} classes, probabilities read back with read_probabilities)")
+            say(
+                f"    (c) int8 vs (b) fp32, {n} tiles = {int8_pixels / 1e6:.2f} M pixels: argmax {int8_agree:.3f} %, ",
+                f"max |p diff| {int8_worst:.4f}",
+            )
             say(
                 f"    (c) bf16 vs (b) fp32, {bf16_count} tiles = {pixels / 1e6:.2f} M pixels: argmax {agree:.3f} %, ",
                 f"max |p diff| {worst:.4f}",

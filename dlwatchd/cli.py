@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--spool", type=Path, help="use the daemon serving this spool (default: start one on a temp spool)"
     )
     demo.add_argument("--out", type=Path, default=Path("dlwatchd-demo"), help="where the pictures and summary go")
-    demo.add_argument("--epochs", type=_positive_int, help="training epochs (default 10; 5 with --quick)")
+    demo.add_argument("--epochs", type=_positive_int, help="training epochs (default 10; 8 with --quick)")
     demo.add_argument("--size", type=_tile_size, help="tile size in pixels, 32-512 (default 64)")
     demo.add_argument("--quick", action="store_true", help="a smaller run of about a minute (used in CI)")
     demo.add_argument("--clean", action="store_true", help="remove the temporary spool at the end")

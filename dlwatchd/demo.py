@@ -55,7 +55,7 @@ class Plan:
 
 # Default: well under 5 minutes on 2 CPU cores. Quick: about a minute, for CI and `tests/test_demo.py`.
 FULL = Plan(train=24, validation=6, heldout=8, size=64, epochs=10, batch_size=4, learning_rate=0.001)
-QUICK = Plan(train=16, validation=4, heldout=4, size=64, epochs=5, batch_size=4, learning_rate=0.001)
+QUICK = Plan(train=16, validation=4, heldout=4, size=64, epochs=8, batch_size=4, learning_rate=0.001)
 
 
 @dataclass

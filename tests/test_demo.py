@@ -48,7 +48,7 @@ def test_quick_demo_trains_predicts_and_writes_its_pictures(tmp_path: Path) -> N
     match = re.search(r"held-out mean IoU: ([0-9.]+)", summary)
     assert match, summary
     # Three classes: chance is 1/3. The quick run must clearly have learned something on tiles it never saw.
-    assert float(match.group(1)) > 0.45, summary
+    assert float(match.group(1)) > 0.6, summary
     with Image.open(out / "overlay.png") as overlay:
         width, height = overlay.size
     assert width > 3 * 64 and height >= 64  # image | prediction | ground truth, side by side

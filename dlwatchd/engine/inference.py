@@ -24,15 +24,16 @@ from dlwatchd.artifacts.metadata import METADATA_NAME, PREPROCESSING_NAME, Model
 from dlwatchd.engine.device import cpu_description, detect_device_type
 from dlwatchd.engine.models import create_model
 from dlwatchd.engine.normalization import NormalizationConfig
+from dlwatchd.engine.quantize import INT8_NAME
 from dlwatchd.engine.tiles import pad_to_multiple
 from dlwatchd.errors import DlwatchdError, ErrorCode
 
 ONNX_NAME = "model.onnx"
 WEIGHTS_NAME = "model.pt"
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8")
 TTA_MODES = ("none", "flip", "d4")
 NORMALIZATION_FIELDS = ("strategy", "per_channel", "clip_percentile", "min", "max", "scope", "stats")
-CACHE_FILES = (ONNX_NAME, WEIGHTS_NAME, METADATA_NAME, PREPROCESSING_NAME)
+CACHE_FILES = (ONNX_NAME, WEIGHTS_NAME, METADATA_NAME, PREPROCESSING_NAME, INT8_NAME)
 # (transpose H and W first, then flip these axes of a C×H×W array); the first four are the "flip" set.
 TRANSFORMS = (
     (False, ()),
@@ -109,6 +110,21 @@ def load_model(model_dir: Path, *, use_gpu: bool = True, precision: str = "fp32"
     if precision == "bf16" and not has_weights:
         warnings.append(f"bf16 needs {WEIGHTS_NAME}, which the model {info.model_id} lacks; it runs in fp32 on ONNX.")
         precision = "fp32"
+    if precision == "int8":
+        int8_path = model_dir / INT8_NAME
+        if int8_path.is_file() and not (use_gpu and detect_device_type() == "cuda"):
+            try:
+                return _load_onnx(info, int8_path, False, warnings, precision="int8")
+            except Exception as exc:
+                warnings.append(f"ONNX Runtime could not load {int8_path} ({_first_line(exc)}); fp32 is used.")
+        elif int8_path.is_file():
+            warnings.append("int8 runs on the CPU only; on this CUDA device the model runs in fp32.")
+        else:
+            warnings.append(
+                f"The model {info.model_id} has no {INT8_NAME} (trained by another version, or its int8 check "
+                "failed); it runs in fp32."
+            )
+        precision = "fp32"
     # A CPU-only onnxruntime build next to a CUDA torch would leave the GPU idle; PyTorch on the GPU is faster.
     if has_onnx and precision == "fp32" and not (has_weights and _onnx_lacks_gpu(use_gpu)):
         try:
@@ -137,7 +153,7 @@ def _onnx_lacks_gpu(use_gpu: bool) -> bool:
     return GPU_PROVIDERS[kind] not in onnxruntime.get_available_providers()
 
 
-def _load_onnx(info: ModelInfo, path: Path, use_gpu: bool, warnings: list[str]) -> LoadedModel:
+def _load_onnx(info: ModelInfo, path: Path, use_gpu: bool, warnings: list[str], precision: str = "fp32") -> LoadedModel:
     import onnxruntime
 
     kind = detect_device_type() if use_gpu else "cpu"
@@ -170,7 +186,7 @@ def _load_onnx(info: ModelInfo, path: Path, use_gpu: bool, warnings: list[str]) 
         return session.run([output_name], {input_name: batch})[0]
 
     return LoadedModel(
-        info, "onnx", device, used, num_classes, in_channels, info.size_divisor, "fp32", warnings, _run=run
+        info, "onnx", device, used, num_classes, in_channels, info.size_divisor, precision, warnings, _run=run
     )
 
 

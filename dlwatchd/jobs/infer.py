@@ -28,7 +28,7 @@ from dlwatchd.spool.paths import resolve_read_path, resolve_write_dir
 _DECODE_THREADS = 2
 _DECODE_AHEAD = 8  # tiles decoded ahead of the forward passes: enough to hide decoding, bounded in memory
 # Every file of a model folder a runtime may open (inference.CACHE_FILES, kept torch-free here).
-_MODEL_FILES = ("model.onnx", "model.pt", "metadata.json", "preprocessing.json")
+_MODEL_FILES = ("model.onnx", "model.pt", "metadata.json", "preprocessing.json", "model.int8.onnx")
 _DISK_MARGIN = 64 * 2**20
 
 
@@ -194,7 +194,12 @@ def _conclude(part: _Request, model: Any) -> dict[str, Any]:
             f"The model outputs {part.num_classes} classes but its metadata lists {model.info.num_classes}; "
             "the model output wins."
         )
-    result: dict[str, Any] = {"num_classes": part.num_classes, "runtime": model.runtime, "device": model.device}
+    result: dict[str, Any] = {
+        "num_classes": part.num_classes,
+        "runtime": model.runtime,
+        "device": model.device,
+        "precision": model.precision,
+    }
     if isinstance(part.request, InferPixelRequest):
         write_manifest(ctx.job_dir / "manifest.json", part.entries, base=ctx.job_dir)
         result.update(output_paths=part.output_paths, shape=part.shapes, manifest=str(ctx.job_dir / "manifest.json"))

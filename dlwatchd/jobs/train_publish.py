@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from dlwatchd.artifacts.metadata import build_metadata, build_preprocessing
@@ -14,6 +15,8 @@ from dlwatchd.artifacts.report import write_training_report
 from dlwatchd.catalog.architectures import resolve_architecture
 from dlwatchd.catalog.encoders import encoder_base
 from dlwatchd.engine.onnx_export import export_onnx
+from dlwatchd.engine.quantize import INT8_NAME, MAX_CALIBRATION_TILES, quantize_onnx
+from dlwatchd.engine.tiles import TileSet
 from dlwatchd.engine.training import FitResult, copy_to_cpu
 from dlwatchd.jobs.context import JobContext
 from dlwatchd.protocol.requests import TrainRequest
@@ -60,6 +63,12 @@ def training_summary(request: TrainRequest, setup: TrainSetup, result: FitResult
     }
 
 
+def calibration_tiles(*tilesets: TileSet) -> list[np.ndarray]:
+    """Normalized tiles for int8 calibration: the validation tiles first, then training tiles, up to the maximum."""
+    tiles = [image.numpy() for tileset in tilesets for image in tileset.images]
+    return tiles[:MAX_CALIBRATION_TILES]
+
+
 def publish(
     ctx: JobContext, request: TrainRequest, setup: TrainSetup, result: FitResult, duration_s: float
 ) -> tuple[str, Path, dict[str, Any]]:
@@ -87,6 +96,12 @@ def publish(
         )
         if not onnx_record.get("verified"):
             ctx.warn("W_ONNX", f"No model.onnx was published: {onnx_record.get('error')}")
+        elif request.training.export_int8:
+            onnx_record["int8"] = quantize_onnx(
+                folder / "model.onnx", folder / INT8_NAME, calibration_tiles(setup.validation, setup.train)
+            )
+            if not onnx_record["int8"]["verified"]:
+                ctx.warn("W_INT8", f"No {INT8_NAME} was published: {onnx_record['int8']['error']}.")
         input_config = request.input_config.model_dump(mode="json")
         input_config["normalization"] = setup.normalization.to_dict()
         metadata = build_metadata(

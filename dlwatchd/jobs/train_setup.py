@@ -175,6 +175,7 @@ def prepare(
     raw_train.clear()
     if degenerate:
         warnings.append(f"{degenerate} image channel(s) were constant and were set to 0.0 by normalization.")
+    seed = _seed(params.seed, resume_state)  # before the model is built: its initial weights come from the seed
     model, model_warnings = build_model(
         request.model_type,
         encoder,
@@ -189,7 +190,6 @@ def prepare(
     precision, precision_warning = resolve_precision(params.precision, device, params.mixed_precision)
     if precision_warning:
         warnings.append(precision_warning)
-    seed = _seed(params.seed, resume_state)
     fit_config = FitConfig(
         class_names=classes,
         unlabeled_index=unlabeled,

@@ -387,6 +387,10 @@ class TrainingParams(AliasedModel):
             "else fp32"
         ),
     )
+    export_int8: bool = Field(
+        default=True,
+        description="also publish model.int8.onnx, calibrated on the validation tiles, for options.precision int8",
+    )
 
     @model_validator(mode="before")
     @classmethod

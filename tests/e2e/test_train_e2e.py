@@ -74,6 +74,20 @@ def test_a_training_publishes_a_complete_model(daemon, client: SpoolClient, spoo
     assert json.loads((client.layout.job_dir(job) / "history.json").read_text()) == history
     assert not (client.layout.job_dir(job) / "checkpoint.pt").exists()
     assert status.progress["epoch"] == 2
+    int8 = metadata["onnx"]["int8"]
+    assert int8["verified"] is True and (model_dir / "model.int8.onnx").exists(), int8
+    assert int8["calibration_tiles"] == 9  # the 3 validation tiles, then the 6 training tiles
+    tile = sorted((data / "validation" / "images").iterdir())[0]
+    answers = {}
+    for precision in ("fp32", "int8"):
+        request = {"kind": "infer", "model_id": result["model_id"], "tiles": [{"id": "t", "data": str(tile)}]}
+        request["options"] = {"precision": precision}
+        answer = wait_state(client, client.submit(request), TERMINAL, 120)
+        assert answer.state.value == "succeeded", answer.error
+        assert (answer.result["runtime"], answer.result["precision"]) == ("onnx", precision)
+        answers[precision] = answer.result["predictions"]["t"]
+    assert answers["int8"] != answers["fp32"]
+    assert np.allclose(answers["int8"], answers["fp32"], atol=0.1)
     log = client.layout.log_path(job).read_text()
     for epoch in (1, 2):
         assert f"epoch {epoch}/2: train loss " in log and "mean IoU" in log, log

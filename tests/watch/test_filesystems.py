@@ -62,41 +62,26 @@ def test_this_machines_tmp_has_a_known_type(tmp_path: Path) -> None:
     assert filesystem_type(tmp_path)
 
 
-def test_auto_polls_a_spool_on_a_network_filesystem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("requested", "fstype", "mode", "reason"),
+    [
+        ("auto", "nfs4", "polling", "the spool is on a network filesystem (nfs4)"),
+        ("auto", "ext4", "native", None),
+        ("native", "nfs4", "native", None),  # an explicit choice is honoured
+        ("polling", "ext4", "polling", None),
+    ],
+)
+def test_the_watch_mode_follows_the_setting_and_the_filesystem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, requested: str, fstype: str, mode: str, reason: str | None
+) -> None:
     for name in ("incoming", "queued", "running"):
         (tmp_path / name).mkdir()
-    monkeypatch.setattr(hints, "filesystem_type", lambda folder: "nfs4")
-    watcher = hints.HintWatcher(tmp_path, "auto", hints.Wakeup())
+    monkeypatch.setattr(hints, "filesystem_type", lambda folder: fstype)
+    watcher = hints.HintWatcher(tmp_path, requested, hints.Wakeup())
     watcher.start()
     try:
-        assert watcher.mode == "polling"
+        assert watcher.mode == mode
         assert watcher.alive
-        assert watcher.reason == "the spool is on a network filesystem (nfs4)"
-    finally:
-        watcher.stop()
-
-
-def test_auto_watches_a_local_spool_natively(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("incoming", "queued", "running"):
-        (tmp_path / name).mkdir()
-    monkeypatch.setattr(hints, "filesystem_type", lambda folder: "ext4")
-    watcher = hints.HintWatcher(tmp_path, "auto", hints.Wakeup())
-    watcher.start()
-    try:
-        assert watcher.mode == "native"
-        assert watcher.alive
-        assert watcher.reason is None
-    finally:
-        watcher.stop()
-
-
-def test_explicit_native_is_honoured_on_a_network_filesystem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("incoming", "queued", "running"):
-        (tmp_path / name).mkdir()
-    monkeypatch.setattr(hints, "filesystem_type", lambda folder: "nfs4")
-    watcher = hints.HintWatcher(tmp_path, "native", hints.Wakeup())
-    watcher.start()
-    try:
-        assert watcher.mode == "native"
+        assert watcher.reason == reason
     finally:
         watcher.stop()
