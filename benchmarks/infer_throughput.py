@@ -366,8 +366,9 @@ def truth_accuracy(folder: Path, truths: list[Path]) -> tuple[float, float]:
 
 def model_compute_ms(model_dir: Path, tile: Path, repeats: int) -> tuple[float, float]:
     """Median ms of predict_probabilities on one normalized tile, and of decode + normalize, in this process."""
-    from dlwatchd.engine.inference import ModelCache, predict_probabilities
+    from dlwatchd.engine.inference import predict_probabilities
     from dlwatchd.engine.io import read_image
+    from dlwatchd.engine.model_cache import ModelCache
     from dlwatchd.engine.normalization import NormalizationConfig, Normalizer
 
     model = ModelCache().get(model_dir, use_gpu=True, precision="fp32")

@@ -230,7 +230,8 @@ def run_infer_group(contexts: list[JobContext]) -> list[Any]:
     by one writer thread while the next batch computes. At most two batches wait for the writer, so memory stays
     bounded whatever the request size.
     """
-    from dlwatchd.engine.inference import ModelCache, pixels_per_pass
+    from dlwatchd.engine.inference import pixels_per_pass
+    from dlwatchd.engine.model_cache import ModelCache
 
     parts = [_Request(ctx, ctx.request) for ctx in contexts]  # type: ignore[arg-type]
     options = parts[0].request.options

@@ -191,7 +191,7 @@ def _train_request(data_path: str) -> dict[str, Any]:
         "architecture": {"backbone": "resnet18", "input_size": [32, 32], "use_pretrained": False},
         "input_config": {"num_channels": 3, "bit_depth": 8},
         "classes": ["Background", "Nucleus"],
-        "training": {"epochs": 1, "batch_size": 2, "seed": 1, "scheduler": "none"},
+        "training": {"epochs": 1, "batch_size": 2, "seed": 1, "scheduler": "none", "export_int8": False},
         "data_path": data_path,
     }
 
@@ -425,8 +425,10 @@ def test_request_names_that_are_not_regular_files(world: World, what: str) -> No
     elif what == "fifo":
         os.mkfifo(target)
     elif what == "directory":
-        target.mkdir()
-        (target / "inner.json").write_text("{}")
+        built = world.spool / "incoming" / f".{job_id}.building"  # published by rename, as a client would
+        built.mkdir()
+        (built / "inner.json").write_text("{}")
+        built.rename(target)
     elif what == "socket":
         holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         holder.bind(str(target))

@@ -38,14 +38,22 @@ def train_request(data: Path, **training: object) -> dict:
         "architecture": {"backbone": "resnet18", "input_size": [64, 64], "use_pretrained": False},
         "input_config": {"num_channels": channels, "bit_depth": 8},
         "classes": [c["name"] for c in classes],
-        "training": {"epochs": 2, "batch_size": 3, "learning_rate": 0.003, "seed": 7, "scheduler": "none", **training},
+        "training": {
+            "epochs": 2,
+            "batch_size": 3,
+            "learning_rate": 0.003,
+            "seed": 7,
+            "scheduler": "none",
+            "export_int8": False,  # the int8 export costs seconds; the complete-model test covers it
+            **training,
+        },
         "data_path": str(data),
     }
 
 
 def test_a_training_publishes_a_complete_model(daemon, client: SpoolClient, spool: Path) -> None:
     data = dataset(spool, "basic")
-    job = client.submit(train_request(data))
+    job = client.submit(train_request(data, export_int8=True))
     status = wait_state(client, job, TERMINAL, timeout=300)
     assert status.state.value == "succeeded", status.error
     result = status.result

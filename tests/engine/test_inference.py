@@ -15,12 +15,12 @@ import torch
 from dlwatchd.artifacts.metadata import build_metadata, build_preprocessing, read_model_info
 from dlwatchd.engine.inference import (
     LoadedModel,
-    ModelCache,
     class_averages,
     load_model,
     predict_probabilities,
     resolve_normalization,
 )
+from dlwatchd.engine.model_cache import ModelCache
 from dlwatchd.engine.models import create_model
 from dlwatchd.engine.onnx_export import export_onnx
 from dlwatchd.engine.tiles import pad_to_multiple

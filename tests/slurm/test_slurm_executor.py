@@ -79,7 +79,15 @@ def train_request(data: Path, **training: Any) -> dict[str, Any]:
         "architecture": {"backbone": "resnet18", "input_size": [64, 64], "use_pretrained": False},
         "input_config": {"num_channels": 3, "bit_depth": 8},
         "classes": [c["name"] for c in classes],
-        "training": {"epochs": 2, "batch_size": 3, "learning_rate": 0.003, "seed": 11, "scheduler": "none", **training},
+        "training": {
+            "epochs": 2,
+            "batch_size": 3,
+            "learning_rate": 0.003,
+            "seed": 11,
+            "scheduler": "none",
+            "export_int8": False,
+            **training,
+        },  # fmt: skip
         "data_path": str(data),
     }
 
@@ -153,7 +161,7 @@ def test_a_pending_job_shows_queued_with_its_slurm_id_and_reason_then_cancels(
         final = wait_state(client, job, TERMINAL, 60)
         assert final.state.value == "cancelled", final.error
         assert slurm_cluster.wait_state(status.executor["job_id"], "CANCELLED", timeout=30) == "CANCELLED"
-        assert (spool / "cancelled" / f"{job}.json").exists()
+        wait_for(lambda: (spool / "cancelled" / f"{job}.json").exists(), timeout=10)
     finally:
         slurm_cluster.run("scancel", blocker, check=False)
 
@@ -184,7 +192,7 @@ def test_a_job_cancelled_with_scancel_from_outside_fails_interrupted(
     assert final.state.value == "failed"
     assert final.error.code.value == "E_INTERRUPTED"
     assert "cancelled outside dlwatchd" in final.error.message and slurm_id(spool, job) in final.error.message
-    assert (spool / "failed" / f"{job}.json").exists()
+    wait_for(lambda: (spool / "failed" / f"{job}.json").exists(), timeout=10)  # the commit follows the status
 
 
 def test_a_restarted_supervisor_reattaches_instead_of_submitting_again(
@@ -216,7 +224,8 @@ def test_sbatch_refusing_the_job_fails_it_with_slurms_words(start_daemon: Any, t
     assert final.state.value == "failed"
     assert final.error.code.value == "E_SCHEDULER"
     assert "refused" in final.error.message and "gres" in final.error.hint
-    assert (spool / "failed" / f"{job}.json").exists() and (spool / "jobs" / job / "request.json").exists()
+    wait_for(lambda: (spool / "failed" / f"{job}.json").exists(), timeout=10)  # the commit follows the status
+    assert (spool / "jobs" / job / "request.json").exists()
     health = wait_state(client, client.submit({"kind": "health"}), {"succeeded"}, 30)
     assert health.result["state"] == "ready"
 
