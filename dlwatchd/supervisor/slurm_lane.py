@@ -243,7 +243,10 @@ class SlurmLane:
             return
         if info.state == "PENDING":
             if info.reason == "JobHeldUser":  # submitted held, and the release did not get through then
-                self.commands.release(slurm_id)
+                try:
+                    self.commands.release(slurm_id)
+                except SlurmUnreachable as exc:
+                    self._outage(str(exc))
             wanted = _executor_info(slurm_id, info.state, info.reason)
             # Only while the node has not started: from then on the node owns status.json.
             if status.state is JobState.QUEUED and status.executor != wanted:
