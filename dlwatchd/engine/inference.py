@@ -424,12 +424,13 @@ def _predict(model: LoadedModel, arrays: list[np.ndarray], max_batch: int) -> li
                 )
             for position, index in enumerate(chunk):
                 height, width = arrays[index].shape[1:]
-                results[index] = _softmax(logits[position, :, :height, :width])
+                results[index] = softmax(logits[position, :, :height, :width])
             start += len(chunk)
     return [result for result in results if result is not None]
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities over the class axis (0) of C×H×W logits, in float32, max-subtracted."""
     shifted = logits.astype(np.float32) - logits.max(axis=0, keepdims=True).astype(np.float32)
     exponent = np.exp(shifted)
     return exponent / exponent.sum(axis=0, keepdims=True)

@@ -90,17 +90,14 @@ def _compare(fp32: Path, int8: Path, input_name: str, tiles: list[np.ndarray]) -
     """(argmax agreement, max |p_fp32 - p_int8|) of the two graphs' softmax outputs on `tiles`."""
     import onnxruntime
 
+    from dlwatchd.engine.inference import softmax  # imported here: inference imports this module
+
     sessions = [onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32, int8)]
     same = total = 0
     worst = 0.0
     for tile in tiles:
-        first, second = (_softmax(session.run(None, {input_name: tile})[0]) for session in sessions)
-        same += int((first.argmax(1) == second.argmax(1)).sum())
-        total += first.shape[0] * first.shape[2] * first.shape[3]
+        first, second = (softmax(session.run(None, {input_name: tile})[0][0]) for session in sessions)
+        same += int((first.argmax(0) == second.argmax(0)).sum())
+        total += first.shape[1] * first.shape[2]
         worst = max(worst, float(np.abs(first - second).max()))
     return same / total, worst
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)

@@ -69,6 +69,34 @@ def calibration_tiles(*tilesets: TileSet) -> list[np.ndarray]:
     return tiles[:MAX_CALIBRATION_TILES]
 
 
+def model_metadata(
+    request: TrainRequest, setup: TrainSetup, model_id: str, training: dict[str, Any], onnx: dict[str, Any]
+) -> dict[str, Any]:
+    """metadata.json of a model trained by `request` with `setup`: the resolved normalization and architecture."""
+    input_config = request.input_config.model_dump(mode="json")
+    input_config["normalization"] = setup.normalization.to_dict()
+    architecture = resolve_architecture(request.model_type)
+    return build_metadata(
+        model_id=model_id,
+        model_type=request.model_type,
+        architecture=request.architecture.model_dump(mode="json"),
+        input_config=input_config,
+        classes=list(request.classes),
+        unlabeled_index=setup.unlabeled_index,
+        normalization_stats=setup.normalization_stats,
+        training=training,
+        onnx=onnx,
+        extra_architecture={
+            "encoder_base": encoder_base(request.architecture.backbone),
+            "encoder_weights": setup.weights_info["tag"] if setup.weights_info["use_pretrained"] else None,
+            "in_channels": setup.in_channels,
+            "num_classes": len(request.classes),
+            "size_divisor": architecture.size_divisor,
+            "frozen_layers_applied": setup.frozen_applied,
+        },
+    )
+
+
 def publish(
     ctx: JobContext, request: TrainRequest, setup: TrainSetup, result: FitResult, duration_s: float
 ) -> tuple[str, Path, dict[str, Any]]:
@@ -102,26 +130,8 @@ def publish(
             )
             if not onnx_record["int8"]["verified"]:
                 ctx.warn("W_INT8", f"No {INT8_NAME} was published: {onnx_record['int8']['error']}.")
-        input_config = request.input_config.model_dump(mode="json")
-        input_config["normalization"] = setup.normalization.to_dict()
-        metadata = build_metadata(
-            model_id=model_id,
-            model_type=request.model_type,
-            architecture=request.architecture.model_dump(mode="json"),
-            input_config=input_config,
-            classes=list(request.classes),
-            unlabeled_index=setup.unlabeled_index,
-            normalization_stats=setup.normalization_stats,
-            training=training_summary(request, setup, result, duration_s),
-            onnx=onnx_record,
-            extra_architecture={
-                "encoder_base": encoder_base(request.architecture.backbone),
-                "encoder_weights": setup.weights_info["tag"] if setup.weights_info["use_pretrained"] else None,
-                "in_channels": setup.in_channels,
-                "num_classes": len(request.classes),
-                "size_divisor": architecture.size_divisor,
-                "frozen_layers_applied": setup.frozen_applied,
-            },
+        metadata = model_metadata(
+            request, setup, model_id, training_summary(request, setup, result, duration_s), onnx_record
         )
         write_json_atomic(folder / "metadata.json", metadata)
         write_json_atomic(folder / "preprocessing.json", build_preprocessing(metadata))

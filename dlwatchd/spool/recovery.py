@@ -63,9 +63,7 @@ def reconcile(
         return "paused"
     writer = StatusFile(status_path)
     if status.state is JobState.CANCELLING:
-        writer.update(state=JobState.CANCELLED, daemon=daemon_id)
-        (layout.job_dir(job_id) / CHECKPOINT_NAME).unlink(missing_ok=True)  # a cancelled job leaves no work files
-        append_job_log(log, f"cancelled ({cause} while it was being cancelled)")
+        mark_cancelled(layout, job_id, writer, f"{cause} while it was being cancelled", daemon=daemon_id)
         return "cancelled" if commit_terminal(layout, claim, job_id, "cancelled") else "lost"
     if status.state is JobState.QUEUED:
         # Claimed but never started: put it back without spending an attempt.
@@ -104,6 +102,16 @@ def reconcile(
     append_job_log(log, f"failed: {code.value}: {message}")
     logger.error("job %s failed: %s", job_id, message)
     return "failed" if commit_terminal(layout, claim, job_id, "failed") else "lost"
+
+
+def mark_cancelled(layout: SpoolLayout, job_id: str, writer: StatusFile, why: str, daemon: str | None = None) -> None:
+    """Write the `cancelled` status of a job that could not write it itself; a cancelled job leaves no work files."""
+    changes: dict[str, object] = {"state": JobState.CANCELLED}
+    if daemon is not None:
+        changes["daemon"] = daemon
+    writer.update(**changes)
+    (layout.job_dir(job_id) / CHECKPOINT_NAME).unlink(missing_ok=True)
+    append_job_log(layout.log_path(job_id), f"cancelled ({why})")
 
 
 def take_over(layout: SpoolLayout, registry: KindRegistry, dead_id: str, my_id: str) -> dict[str, str]:

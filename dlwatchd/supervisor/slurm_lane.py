@@ -25,7 +25,7 @@ from dlwatchd.slurm.ticket import SCRIPT_NAME, SlurmTicket, job_name, read_ticke
 from dlwatchd.spool.atomic import write_bytes_atomic
 from dlwatchd.spool.joblog import append_job_log
 from dlwatchd.spool.layout import SpoolLayout
-from dlwatchd.spool.recovery import CHECKPOINT_NAME
+from dlwatchd.spool.recovery import CHECKPOINT_NAME, mark_cancelled
 from dlwatchd.spool.status_file import StatusFile, read_status
 from dlwatchd.supervisor.lanes import RunningJob
 
@@ -265,9 +265,7 @@ class SlurmLane:
         log = self.layout.log_path(job.job_id)
         writer = StatusFile(self.layout.status_path(job.job_id))
         if self.layout.marker_path(job.job_id, "cancel").exists():
-            writer.update(state=JobState.CANCELLED)
-            (self.layout.job_dir(job.job_id) / CHECKPOINT_NAME).unlink(missing_ok=True)
-            append_job_log(log, f"cancelled (Slurm job {slurm_id} ended {slurm_state})")
+            mark_cancelled(self.layout, job.job_id, writer, f"Slurm job {slurm_id} ended {slurm_state}")
             return JobState.CANCELLED.value
         kind = self.registry.get(job.kind) if job.kind in self.registry else None
         has_checkpoint = (self.layout.job_dir(job.job_id) / CHECKPOINT_NAME).exists()

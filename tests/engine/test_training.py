@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dlwatchd.artifacts.metadata import build_metadata, build_preprocessing, read_model_info
+from dlwatchd.artifacts.metadata import build_preprocessing, read_model_info
 from dlwatchd.catalog.architectures import list_architectures, resolve_architecture
 from dlwatchd.engine import checkpoint as ckpt
 from dlwatchd.engine.dataset import discover, preflight
@@ -30,6 +30,7 @@ from dlwatchd.engine.onnx_export import export_onnx
 from dlwatchd.engine.tiles import TileSet, build_tileset, pad_to_multiple
 from dlwatchd.engine.training import FitConfig, FitResult, Trainer, TrainingHooks, TrainingInterrupted, copy_to_cpu
 from dlwatchd.errors import DlwatchdError, ErrorCode
+from dlwatchd.jobs.train_publish import model_metadata
 from dlwatchd.protocol.requests import TrainRequest
 from dlwatchd.protocol.train_request import ResumeOverrides
 from dlwatchd.synth import SynthSpec, write_dataset
@@ -364,20 +365,23 @@ def spoil_after_epoch(model_holder: dict[str, Any], spoil_at: int, snapshots: li
     return epoch_done
 
 
-def test_best_epoch_is_the_argmin_of_val_loss_and_final_metrics_come_from_it(tmp_path: Path) -> None:
-    holder: dict[str, Any] = {}
+def spoiled_trainer(tmp_path: Path, **config: Any) -> tuple[Trainer, list[dict[str, torch.Tensor]]]:
+    """A trainer whose model is made worse after epoch 2, and the snapshots of its weights after each epoch."""
     snapshots: list[dict[str, torch.Tensor]] = []
     model = fresh_model()
-    holder["model"] = model
     trainer = make_trainer(
         model,
         random_tiles(4, seed=1, labeled_fraction=0.5),
         random_tiles(2, seed=2, labeled_fraction=0.5),
         tmp_path / "c.pt",
-        TrainingHooks(epoch_done=spoil_after_epoch(holder, 2, snapshots)),
-        epochs=4,
-        scheduler="cosine",
+        TrainingHooks(epoch_done=spoil_after_epoch({"model": model}, 2, snapshots)),
+        **config,
     )
+    return trainer, snapshots
+
+
+def test_best_epoch_is_the_argmin_of_val_loss_and_final_metrics_come_from_it(tmp_path: Path) -> None:
+    trainer, snapshots = spoiled_trainer(tmp_path, epochs=4, scheduler="cosine")
     result = trainer.fit()
 
     losses = [record["val_loss"] for record in result.history]
@@ -398,21 +402,8 @@ def test_best_epoch_is_the_argmin_of_val_loss_and_final_metrics_come_from_it(tmp
 
 
 def test_early_stopping_keeps_the_best_epoch(tmp_path: Path) -> None:
-    holder: dict[str, Any] = {}
-    snapshots: list[dict[str, torch.Tensor]] = []
-    model = fresh_model()
-    holder["model"] = model
-    result = make_trainer(
-        model,
-        random_tiles(4, seed=1, labeled_fraction=0.5),
-        random_tiles(2, seed=2, labeled_fraction=0.5),
-        tmp_path / "c.pt",
-        TrainingHooks(epoch_done=spoil_after_epoch(holder, 2, snapshots)),
-        epochs=6,
-        early_stopping=True,
-        patience=2,
-        min_delta=0.0,
-    ).fit()
+    trainer, snapshots = spoiled_trainer(tmp_path, epochs=6, early_stopping=True, patience=2, min_delta=0.0)
+    result = trainer.fit()
     assert result.early_stopped and result.stop_reason == "early_stopping"
     losses = [record["val_loss"] for record in result.history]
     assert result.best_epoch == int(np.argmin(losses)) + 1 <= 2
@@ -853,23 +844,10 @@ def train_request(
 
 
 def published_normalization(tmp_path: Path, request: TrainRequest, setup: Any) -> tuple[dict, list[int] | None]:
-    """Metadata written the way train_publish does, then read back the way inference reads a model."""
+    """Metadata written by train_publish's own function, then read back the way inference reads a model."""
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    input_config = request.input_config.model_dump(mode="json")
-    input_config["normalization"] = setup.normalization.to_dict()
-    metadata = build_metadata(
-        model_id="model",
-        model_type=request.model_type,
-        architecture=request.architecture.model_dump(mode="json"),
-        input_config=input_config,
-        classes=list(request.classes),
-        unlabeled_index=setup.unlabeled_index,
-        normalization_stats=setup.normalization_stats,
-        training={},
-        onnx={},
-        extra_architecture={"in_channels": setup.in_channels, "num_classes": len(request.classes)},
-    )
+    metadata = model_metadata(request, setup, "model", training={}, onnx={})
     (model_dir / "metadata.json").write_text(json.dumps(metadata, allow_nan=False))
     (model_dir / "preprocessing.json").write_text(json.dumps(build_preprocessing(metadata), allow_nan=False))
     info = read_model_info(model_dir)
