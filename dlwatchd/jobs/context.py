@@ -37,6 +37,12 @@ class JobFenced(Exception):
     """This daemon's claim on the job is gone (another daemon took it over): discard the work."""
 
 
+def require_claim(claim: Path) -> None:
+    """Raise JobFenced unless `claim` (running/<id>@<me>.json) still exists."""
+    if not claim.exists():
+        raise JobFenced(f"claim {claim.name} is gone")
+
+
 @dataclass
 class JobContext:
     """The running job's view of the spool; built by the worker for one run."""
@@ -100,5 +106,4 @@ class JobContext:
 
     def check_fence(self) -> None:
         """Raise JobFenced when this daemon no longer holds the claim; called before publishing anything."""
-        if not self.claim.exists():
-            raise JobFenced(f"claim {self.claim.name} is gone")
+        require_claim(self.claim)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 
 from dlwatchd.errors import DlwatchdError, ErrorCode
 from dlwatchd.jobs._registry import KindRegistry, resolve_handler
-from dlwatchd.jobs.context import JobCancelled, JobContext, JobFenced, JobPaused, JobSuspended
+from dlwatchd.jobs.context import JobCancelled, JobContext, JobFenced, JobPaused, JobSuspended, require_claim
 from dlwatchd.protocol.status import ErrorInfo, JobState
 from dlwatchd.spool.layout import SpoolLayout
 from dlwatchd.spool.status_file import StatusFile
@@ -20,6 +22,12 @@ from dlwatchd.spool.status_file import StatusFile
 logger = logging.getLogger("dlwatchd.runner")
 
 SUSPENDED = "suspended"  # not a protocol state: the job is queued again and resumes from its checkpoint
+FENCED = "fenced"  # not a protocol state: the claim was taken away, nothing of this run is published
+
+# A final status that cannot be written (disk full, share gone) is retried with these pauses, then every
+# _RECORD_RETRY_MAX_S until it lands: the job keeps its claim meanwhile and health says why.
+_RECORD_RETRY_FIRST_S = 0.2
+_RECORD_RETRY_MAX_S = 5.0
 
 
 def error_for_exception(exc: BaseException) -> DlwatchdError:
@@ -69,8 +77,7 @@ def start_job(
     kind = registry.get(job["kind"])
     if not claim.exists():
         return None
-    status = StatusFile(layout.status_path(job_id))
-    status.update(state=JobState.RUNNING, daemon=job["daemon"], attempt=job["attempt"], error=None)
+    status = StatusFile(layout.status_path(job_id), guard=functools.partial(require_claim, claim))
     ctx = JobContext(
         job_id=job_id,
         kind=kind.name,
@@ -87,8 +94,13 @@ def start_job(
         suspend_requested=suspend,
         resources=resources if resources is not None else {},
     )
-    ctx.log(f"started by {job['daemon']} (attempt {job['attempt']}, lane {job['lane']})")
     return ctx
+
+
+def mark_running(ctx: JobContext, job: dict[str, Any]) -> None:
+    """The first status write of a run; an OSError here fails the job like any other (see conclude)."""
+    ctx.status.update(state=JobState.RUNNING, daemon=job["daemon"], attempt=job["attempt"], error=None)
+    ctx.log(f"started by {job['daemon']} (attempt {job['attempt']}, lane {job['lane']})")
 
 
 def load_request(ctx: JobContext, registry: KindRegistry) -> Any:
@@ -101,8 +113,19 @@ def load_request(ctx: JobContext, registry: KindRegistry) -> Any:
 def conclude(ctx: JobContext, outcome: Any) -> str:
     """Write the final status for a handler's result dict or the exception it raised; returns the end state.
 
-    Returns "fenced" (nothing written) when the claim was taken away meanwhile.
+    Returns FENCED (nothing written) when the claim was taken away meanwhile. A final status that cannot be
+    written (the disk is full, say) turns into a failure with that error, recorded as soon as it can be.
     """
+    try:
+        return _conclude(ctx, outcome)
+    except JobFenced as exc:
+        logger.warning("job %s: %s; its work is discarded", ctx.job_id, exc)
+        return FENCED
+    except OSError as exc:
+        return _fail(ctx, exc)
+
+
+def _conclude(ctx: JobContext, outcome: Any) -> str:
     status = ctx.status
     try:
         if isinstance(outcome, BaseException):
@@ -128,20 +151,48 @@ def conclude(ctx: JobContext, outcome: Any) -> str:
         status.update(state=JobState.QUEUED, daemon=None, notes=notes)
         ctx.log("checkpointed and queued again: the daemon is stopping")
         return SUSPENDED
-    except JobFenced as exc:
-        logger.warning("job %s: %s; its work is discarded", ctx.job_id, exc)
-        return "fenced"
+    except JobFenced:
+        raise
     except Exception as exc:  # every failure ends in a status with a code, never in silence
-        error = error_for_exception(exc)
-        if error.code is ErrorCode.INTERNAL:
-            ctx.log("internal error:\n" + "".join(traceback.format_exception(exc)))
-            logger.error("job %s failed with an internal error", ctx.job_id, exc_info=exc)
-        else:
-            ctx.log(f"failed: {error.code.value}: {error.message}")
-        if not ctx.claim.exists():
-            return "fenced"
-        status.update(state=JobState.FAILED, error=ErrorInfo.from_error(error))
+        return _fail(ctx, exc)
+
+
+def _fail(ctx: JobContext, exc: BaseException) -> str:
+    """Record the failure `exc` stands for; retried until the status file takes it (or the claim is gone)."""
+    error = error_for_exception(exc)
+    if error.code is ErrorCode.INTERNAL:
+        _log_quietly(ctx, "internal error:\n" + "".join(traceback.format_exception(exc)))
+        logger.error("job %s failed with an internal error", ctx.job_id, exc_info=exc)
+    else:
+        _log_quietly(ctx, f"failed: {error.code.value}: {error.message}")
+    pause = _RECORD_RETRY_FIRST_S
+    stuck = False
+    while True:
+        try:
+            ctx.status.update(state=JobState.FAILED, error=ErrorInfo.from_error(error))
+        except JobFenced:
+            return FENCED
+        except OSError as write_error:
+            reason = f"cannot record the end of job {ctx.job_id}: {write_error.strerror or write_error}"
+            if not stuck:
+                logger.error("%s; retrying until it can be written", reason)
+                ctx.send({"op": "problem", "job_id": ctx.job_id, "problem": reason})
+                stuck = True
+            time.sleep(pause)
+            pause = min(pause * 2, _RECORD_RETRY_MAX_S)
+            continue
+        if stuck:
+            logger.info("job %s: its failure is recorded", ctx.job_id)
+            ctx.send({"op": "problem", "job_id": ctx.job_id, "problem": None})
         return JobState.FAILED.value
+
+
+def _log_quietly(ctx: JobContext, message: str) -> None:
+    """log.txt is a courtesy; a full disk must not stop the failure from being recorded."""
+    try:
+        ctx.log(message)
+    except OSError:
+        logger.warning("job %s: log.txt cannot be written: %s", ctx.job_id, message.splitlines()[0])
 
 
 def run_job(
@@ -154,8 +205,9 @@ def run_job(
     """Run the job described by `job` (from the supervisor) to its end; returns the state it ended in."""
     ctx = start_job(job, registry, send, suspend, resources)
     if ctx is None:
-        return "fenced"
+        return FENCED
     try:
+        mark_running(ctx, job)
         request = load_request(ctx, registry)
         outcome: Any = resolve_handler(registry.get(ctx.kind).handler or "")(ctx, request)
     except Exception as exc:  # cancel, pause, errors: concluded below like every other ending
@@ -178,9 +230,10 @@ def run_group(
     for job in jobs:
         ctx = start_job(job, registry, send, resources=resources)
         if ctx is None:
-            states.append((job["job_id"], "fenced"))
+            states.append((job["job_id"], FENCED))
             continue
         try:
+            mark_running(ctx, job)
             load_request(ctx, registry)
         except Exception as exc:
             states.append((ctx.job_id, conclude(ctx, exc)))

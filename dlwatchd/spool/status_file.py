@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,15 @@ class StatusFile:
 
     Ownership passes between processes (supervisor while queued or terminal, worker while running); each
     new owner re-reads the file so `seq` keeps increasing. Progress writes are throttled; state changes
-    are always written, durably and with a directory fsync.
+    are always written, durably and with a directory fsync. `guard`, when given, runs before every write
+    and raises to stop it: a worker's writer checks that its daemon still holds the claim, so a daemon
+    that was frozen and taken over never writes over its successor's status.
     """
 
-    def __init__(self, path: Path, *, progress_interval: float = 1.0) -> None:
+    def __init__(self, path: Path, *, progress_interval: float = 1.0, guard: Callable[[], None] | None = None) -> None:
         self.path = path
         self.progress_interval = progress_interval
+        self.guard = guard
         self._current: JobStatus | None = read_status(path)
         self._last_progress = float("-inf")
 
@@ -97,5 +101,7 @@ class StatusFile:
         return self.update(warnings=warnings)
 
     def _write(self, status: JobStatus, *, state_change: bool) -> None:
+        if self.guard is not None:
+            self.guard()
         write_json_atomic(self.path, status.model_dump(mode="json"), durable=state_change, dir_sync=state_change)
         self._current = status

@@ -32,10 +32,12 @@ from dlwatchd.supervisor.heartbeat import PeerWatch, build_health, status_line, 
 from dlwatchd.supervisor.lanes import Lane, RunningJob
 from dlwatchd.supervisor.reload import reload_settings
 from dlwatchd.supervisor.sdnotify import Notifier
-from dlwatchd.supervisor.slurm_lane import OUTAGE_PREFIX, SlurmLane
+from dlwatchd.supervisor.slurm_lane import SlurmLane
 from dlwatchd.watch.hints import HintWatcher, Wakeup
 
 logger = logging.getLogger("dlwatchd.supervisor")
+
+UNREADABLE_PREFIX = "the spool cannot be read"
 
 _MAX_LOOP_FAILURES = 20
 _DEVICE_PROBE_S = 5.0
@@ -70,6 +72,7 @@ class Supervisor:
         self.counters = DaemonCounters()
         self.state = "starting"
         self.reason: str | None = None
+        self._lane_reason: str | None = None  # the reason above when a lane's problem put it there
         self.queue: list[str] = []
         self.kinds: dict[str, str] = {}
         self.batch_keys: dict[str, tuple[str, int]] = {}  # job id -> (key, tiles) of jobs that may run in groups
@@ -255,33 +258,49 @@ class Supervisor:
         wait(handles, timeout)
 
     def _on_hint(self, directory: Path) -> None:
-        if directory == self.layout.incoming:
-            self._run_intake()
-        elif directory == self.layout.queued:
-            self.refresh_queue()
-        elif directory.parent == self.layout.jobs:
-            self._check_markers(directory.name)
+        try:
+            if directory == self.layout.incoming:
+                self._run_intake()
+            elif directory == self.layout.queued:
+                self.refresh_queue()
+            elif directory.parent == self.layout.jobs:
+                self._check_markers(directory.name)
+        except OSError as exc:
+            self._unreadable(exc)
+
+    def _unreadable(self, exc: OSError) -> None:
+        where = f" ({exc.filename})" if exc.filename else ""
+        self.reason = f"{UNREADABLE_PREFIX}{where}: {exc.strerror or exc}; retrying every rescan"
+        logger.error(self.reason)
 
     def _full_scan(self) -> None:
-        """The directory listing is the truth: intake, queue, markers and orphaned claims, every interval."""
+        """The directory listing is the truth: intake, queue, markers and orphaned claims, every interval.
+
+        A spool that cannot be read (a share gone away, permissions changed) degrades the daemon until a
+        later scan reads it again; nothing is moved meanwhile.
+        """
         self._next_scan = time.monotonic() + self.settings.rescan_interval
         missing = self.layout.missing_dirs()
         if missing:
             self.reason = f"spool folders missing or replaced by links: {', '.join(missing)}"
             return
-        if self.reason and self.reason.startswith("spool folders"):
+        if self.reason and self.reason.startswith(("spool folders", UNREADABLE_PREFIX)):
             self.reason = None
+        try:
+            self._run_intake()
+            self.refresh_queue()
+            for job_id in [*self.queue, *self.paused]:
+                self._check_markers(job_id)
+            reconciling.adopt_orphans(self)
+        except OSError as exc:
+            self._unreadable(exc)
+            return
         self.counters.rescans += 1
         self.last_full_scan = utc_now()
-        self._run_intake()
-        self.refresh_queue()
-        for job_id in [*self.queue, *self.paused]:
-            self._check_markers(job_id)
-        reconciling.adopt_orphans(self)
 
     def _run_intake(self) -> None:
-        if self.reason and self.reason.startswith("spool folders"):
-            return  # refuse to work in a spool whose folders were swapped out
+        if self.reason and self.reason.startswith(("spool folders", UNREADABLE_PREFIX)):
+            return  # refuse to work in a spool whose folders were swapped out or cannot be read
         report = self.intake.scan()
         self.count(report)
         if report.accepted:
@@ -368,6 +387,8 @@ class Supervisor:
             lane.ready = True
         elif op == "progress" and lane.job is not None:
             lane.job.progress = message.get("progress")
+        elif op == "problem":
+            lane.problem = message.get("problem")
         elif op == "device":
             self.device_info = message.get("info")
         elif op == "memory" and self.gpu_clear is not None:
@@ -413,6 +434,12 @@ class Supervisor:
             logger.error(self.reason)
             self.watcher.restart()
             self._full_scan()
+        elif self.watcher.mode == "native" and not self.layout.missing_dirs() and (lost := self.watcher.replaced()):
+            self.counters.event_overflows += 1
+            self.reason = f"the filesystem watcher lost {', '.join(lost)}: the folder was replaced; watching it again"
+            logger.warning(self.reason)
+            self.watcher.restart()
+            self._full_scan()
         elif self.reason and self.reason.startswith("the filesystem watcher"):
             self.reason = None
         elif self.watcher.error and self.reason is None and self.settings.watch != "polling":
@@ -420,8 +447,9 @@ class Supervisor:
         problems = [lane.problem for lane in self.lanes.values() if lane.problem]
         if problems and self.reason is None:
             self.reason = problems[0]
-        elif not problems and self.reason and self.reason.startswith(OUTAGE_PREFIX):
-            self.reason = None
+        elif self.reason is not None and self.reason == self._lane_reason and self.reason not in problems:
+            self.reason = problems[0] if problems else None
+        self._lane_reason = self.reason if self.reason in problems else None
         if self.state in ("ready", "degraded"):
             self.state = "degraded" if self.reason else "ready"
 

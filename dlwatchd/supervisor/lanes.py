@@ -102,7 +102,7 @@ class Lane:
 
     def reap(self) -> list[RunningJob]:
         """Forget a dead worker; returns the jobs it was running. Schedules the restart with backoff."""
-        jobs, self.jobs, self.ready = self.jobs, [], False
+        jobs, self.jobs, self.ready, self.problem = self.jobs, [], False, None
         code = self.process.exitcode if self.process is not None else None
         self.last_error = f"worker exited with code {code}"
         if self.conn is not None:

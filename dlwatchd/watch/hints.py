@@ -8,6 +8,7 @@ shares, or when native watching cannot start) there is no observer at all and th
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import socket
 import threading
@@ -81,6 +82,18 @@ class _HintHandler(FileSystemEventHandler):
         self._wakeup.ring()
 
 
+WATCHED_FOLDERS = ("incoming", "queued", "running")
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder, None when it is gone."""
+    try:
+        info = os.stat(folder)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
 class HintWatcher:
     """Watches incoming/, queued/, running/ and the folders of active jobs; degrades to polling."""
 
@@ -95,6 +108,7 @@ class HintWatcher:
         self.network_filesystem: str | None = None
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._jobs: dict[str, ObservedWatch] = {}
+        self._watched: dict[str, tuple[int, int] | None] = {}
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -117,7 +131,9 @@ class HintWatcher:
             _shorten_move_pairing()
             observer = Observer()
             handler = _HintHandler(self.hints, self.wakeup)
-            for name in ("incoming", "queued", "running"):
+            watched = {}
+            for name in WATCHED_FOLDERS:
+                watched[name] = _identity(self.spool / name)
                 observer.schedule(handler, str(self.spool / name), recursive=False)
             observer.daemon = True
             observer.start()
@@ -126,7 +142,16 @@ class HintWatcher:
             logger.warning("%s", self.error)
             return
         self._observer, self._handler, self.mode, self.error = observer, handler, "native", None
-        self._jobs = {}
+        self._jobs, self._watched = {}, watched
+
+    def replaced(self) -> list[str]:
+        """Watched folders that are no longer the directory the watch was put on (renamed away and made anew).
+
+        inotify follows the old directory, so events for the new one never arrive until watching restarts.
+        """
+        if self._observer is None:
+            return []
+        return [name for name, identity in self._watched.items() if _identity(self.spool / name) != identity]
 
     @property
     def alive(self) -> bool:
