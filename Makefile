@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/dlwatchd run
 
+# Two pytest workers: most end-to-end tests wait on daemons, so two cores run the suite in less time.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 lint: install
 	$(BIN)/ruff check dlwatchd tests benchmarks
@@ -31,6 +33,7 @@ bench: install
 	$(BIN)/python benchmarks/supervisor_footprint.py
 	$(BIN)/python benchmarks/infer_throughput.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/spool_load.py
 
 demo: install
 	$(BIN)/dlwatchd demo

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 
-def start_daemon(spool: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start_daemon(
+    spool: Path, *extra: str, env: dict[str, str] | None = None, daemon_id: str = "bench-1"
+) -> subprocess.Popen[bytes]:
     """Start the daemon and return once its heartbeat says ready and every lane reported in."""
     command = [
         sys.executable,
@@ -23,12 +25,13 @@ def start_daemon(spool: Path, *extra: str, env: dict[str, str] | None = None) ->
         "--spool",
         str(spool),
         "--daemon-id",
-        "bench-1",
+        daemon_id,
         *extra,
     ]
-    with open(spool.parent / "daemon.log", "ab") as log:  # the child keeps its own copy of the descriptor
+    log_path = spool.parent / f"{daemon_id}.log"
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    beat_path = spool / "daemons" / "bench-1.json"
+    beat_path = spool / "daemons" / f"{daemon_id}.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -42,7 +45,7 @@ def start_daemon(spool: Path, *extra: str, env: dict[str, str] | None = None) ->
         ):
             return proc
         if proc.poll() is not None:
-            raise RuntimeError(f"daemon exited: {(spool.parent / 'daemon.log').read_text()}")
+            raise RuntimeError(f"daemon exited: {log_path.read_text()}")
         time.sleep(0.05)
     raise RuntimeError("daemon not ready in 120 s")
 

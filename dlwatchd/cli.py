@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dlwatchd import __version__
-from dlwatchd.errors import DlwatchdError
+from dlwatchd.errors import DlwatchdError, ErrorCode
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_START, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 
@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="list jobs by state")
     _add_spool(listing)
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+
+    check = commands.add_parser("check", help="check the spool's invariants (each job in one place, statuses valid)")
+    _add_spool(check)
+    check.add_argument(
+        "--watch", type=float, metavar="SECONDS", help="keep checking for this long (every 0.5 s) while daemons run"
+    )
 
     schema = commands.add_parser("schema", help="print the JSON Schema of a request kind, status.json or a heartbeat")
     schema.add_argument(
@@ -286,6 +292,29 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    import time
+
+    from dlwatchd.spool.invariants import SpoolChecker
+
+    spool = _spool(args)
+    if not (spool / "dlwatchd.json").exists():
+        raise DlwatchdError(ErrorCode.NOT_FOUND, f"{spool} is not a dlwatchd spool (it has no dlwatchd.json).")
+    checker = SpoolChecker(spool)
+    problems = checker.check()
+    rounds = 1
+    deadline = time.monotonic() + (args.watch or 0.0)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        problems += checker.check()
+        rounds += 1
+    for problem in problems:
+        print(problem)
+    checked = f"{rounds} check{'s' if rounds > 1 else ''} of {spool}"
+    print(f"{len(problems)} problem{'' if len(problems) == 1 else 's'} in {checked}", file=sys.stderr)
+    return EXIT_JOB_FAILED if problems else EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from dlwatchd.protocol.schema import schema_for
 
@@ -408,6 +437,7 @@ COMMANDS = {
     "resume": cmd_marker,
     "finish": cmd_marker,
     "list": cmd_list,
+    "check": cmd_check,
     "schema": cmd_schema,
     "validate": cmd_validate,
     "weights": cmd_weights,

@@ -170,3 +170,21 @@ def test_validate_and_intake_agree_on_an_oversized_file(tmp_path: Path) -> None:
     printed = json.loads(result.stdout)
     assert printed["code"] == "E_TOO_LARGE"
     assert printed == intake_error(tmp_path, bad.read_bytes())
+
+
+def test_check_reports_a_broken_spool_and_exits_1(tmp_path: Path) -> None:
+    layout = SpoolLayout(tmp_path / "spool")
+    layout.ensure()
+    healthy = dlwatchd("check", "--spool", str(layout.root), cwd=tmp_path)
+    assert healthy.returncode == 0 and healthy.stdout == "", healthy.stderr
+    assert "0 problems in 1 check of" in healthy.stderr
+    layout.queued_path("twice").write_text("{}")
+    layout.claim_path("twice", "other-host").write_text("{}")
+    broken = dlwatchd("check", "--spool", str(layout.root), cwd=tmp_path)
+    assert broken.returncode == 1
+    assert broken.stdout == "job twice is in more than one place: queued, running@other-host\n"
+
+
+def test_check_of_a_folder_that_is_no_spool_exits_2(tmp_path: Path) -> None:
+    result = dlwatchd("check", "--spool", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2 and "is not a dlwatchd spool" in result.stderr

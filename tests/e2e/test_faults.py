@@ -264,21 +264,6 @@ def test_sigkill_of_a_worker_mid_inference(
     assert_consistent(spool)
 
 
-def test_sigkill_of_a_worker_mid_epoch(make_daemon, client: SpoolClient, spool: Path, tmp_path: Path) -> None:
-    state = tmp_path / "faults"
-    # 6 samples in batches of 3: the third batch is the first of epoch 2, after epoch 1's checkpoint
-    kill = {"target": "dlwatchd.engine.training:Trainer._train_batch", "when": "after", "call": 3, "process": "worker"}
-    make_daemon(env=faults(state, kill=[kill]))
-    job = client.submit(train_request(dataset(spool, "mid-epoch"), epochs=3))
-    status = wait_state(client, job, TERMINAL, timeout=300)
-    assert fired(state) == ["kill dlwatchd.engine.training:Trainer._train_batch after call 3"]
-    assert status.state.value == "succeeded", status.error
-    assert "resumed_after_worker_death" in status.notes and status.result["epochs_trained"] == 3
-    assert os.listdir(spool / "models") == [status.result["model_id"]], "one model, published once"
-    assert temp_files(spool) == []
-    assert_consistent(spool)
-
-
 # ---- a frozen daemon --------------------------------------------------------------------------------
 
 
