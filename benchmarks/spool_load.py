@@ -83,7 +83,7 @@ def client_process(spool: str, model_id: str, tiles: list[str], count: int, wind
             published.append((job, publish(Path(spool), job, request)))
             pending.add(job)
             number += 1
-        time.sleep(0.005)
+        time.sleep(0.02)
         for job in list(pending):
             if (Path(spool) / "done" / f"{job}.json").exists() or (Path(spool) / "failed" / f"{job}.json").exists():
                 pending.discard(job)

@@ -39,6 +39,8 @@ class SpoolChecker:
     root: Path
     _seq: dict[str, int] = field(default_factory=dict)
     _seen: set[str] = field(default_factory=set)
+    # status.json versions already judged, by (inode, size, mtime): a file replaced whole gets a new inode
+    _judged: dict[str, tuple[int, int, int, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layout = SpoolLayout(Path(self.root))
@@ -107,20 +109,30 @@ class SpoolChecker:
 
     def _check_status(self, job_id: str, places: list[str]) -> list[str]:
         path = self.layout.status_path(job_id)
+        terminal = [place for place in places if place in _FOLDER_STATE]
         try:
-            status = JobStatus.model_validate(json.loads(path.read_bytes()))
+            with open(path, "rb") as handle:
+                info = os.fstat(handle.fileno())
+                version = (info.st_ino, info.st_size, info.st_mtime_ns)
+                judged = self._judged.get(job_id)
+                if judged is not None and judged[:3] == version:
+                    state = judged[3]  # the same version as last time: it parsed then
+                else:
+                    status = JobStatus.model_validate(json.loads(handle.read()))
+                    state = status.state.value
         except FileNotFoundError:
             return []  # a job folder made before its first status, or one being removed
         except (OSError, ValueError, ValidationError) as exc:
             return [f"job {job_id}: status.json does not parse: {str(exc).splitlines()[0]}"]
         problems = []
-        last = self._seq.get(job_id, 0)
-        if status.seq < last:
-            problems.append(f"job {job_id}: status seq went back from {last} to {status.seq}")
-        self._seq[job_id] = max(last, status.seq)
-        terminal = [place for place in places if place in _FOLDER_STATE]
-        if terminal and status.state.value != _FOLDER_STATE[terminal[0]]:
-            problems.append(f"job {job_id} is in {terminal[0]}/ but its status says {status.state.value}")
+        if judged is None or judged[:3] != version:
+            last = self._seq.get(job_id, 0)
+            if status.seq < last:
+                problems.append(f"job {job_id}: status seq went back from {last} to {status.seq}")
+            self._seq[job_id] = max(last, status.seq)
+            self._judged[job_id] = (*version, state)
+        if terminal and state != _FOLDER_STATE[terminal[0]]:
+            problems.append(f"job {job_id} is in {terminal[0]}/ but its status says {state}")
         return problems
 
 
