@@ -11,6 +11,8 @@ export_onnx into a throwaway spool's models/ with percentile_99 tile-scope metad
       and with precision bf16 (PyTorch bf16 autocast, channels_last); where this CPU has no native bf16
       the request holds a subset of the tiles (emulated bf16 is several times slower; --bf16-tiles overrides)
 
+(a) and (b) take turns over three rounds (two with --quick), each round over every tile, so this machine's
+speed drifting between moments weighs on both alike; the ratio is given per round and as the median.
 Then the bf16/fp32 agreement, single-tile 256x256 latency against the model's own compute time, and 4 clients
 at once against one client sending the same requests in a row. Times are wall clock; daemon times are its own
 status.json stamps (millisecond resolution). Prints figures and ratios; asserts nothing.
@@ -63,6 +65,7 @@ class Plan:
     latency_requests: int
     per_client: int
     clients: int = 4
+    rounds: int = 3
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -76,6 +79,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             train_budget_s=20.0,
             latency_requests=10,
             per_client=3,
+            rounds=2,
         )
     else:
         plan = Plan(
@@ -249,15 +253,19 @@ def make_model_folder(folder: Path, plan: Plan, scratch: Path) -> tuple[str, str
 # ---- (a) the reference's loop -----------------------------------------------------------------------------------
 
 
-def reference_loop(onnx_path: Path, tiles: list[Path], out_dir: Path) -> dict[str, float]:
-    """One tile at a time, as the reference server does; returns seconds per stage summed over the tiles."""
-    import onnxruntime
-    from PIL import Image
+class ReferenceLoop:
+    """One tile at a time, as the reference server does, with one warm session; `run` sums seconds per stage."""
 
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    out_dir.mkdir(parents=True)
+    def __init__(self, onnx_path: Path, out_dir: Path, first_tile: Path) -> None:
+        import onnxruntime
 
-    def normalize(rgb: np.ndarray) -> np.ndarray:
+        self.session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._one(first_tile, write=False)  # warm: the session's first run allocates for the shape
+
+    @staticmethod
+    def _normalize(rgb: np.ndarray) -> np.ndarray:
         out = np.zeros(rgb.shape, dtype=np.float32)
         for c in range(rgb.shape[2]):
             plane = rgb[..., c]
@@ -266,29 +274,31 @@ def reference_loop(onnx_path: Path, tiles: list[Path], out_dir: Path) -> dict[st
                 out[..., c] = (np.clip(plane, lo, hi) - lo) / (hi - lo)
         return out
 
-    def one(path: Path, write: bool) -> tuple[float, float, float]:
+    def _one(self, path: Path, write: bool) -> tuple[float, float, float]:
+        from PIL import Image
+
         t0 = time.perf_counter()
         rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
-        batch = np.ascontiguousarray(normalize(rgb).transpose(2, 0, 1)[None])
+        batch = np.ascontiguousarray(self._normalize(rgb).transpose(2, 0, 1)[None])
         t1 = time.perf_counter()
-        logits = session.run(None, {"input": batch})[0][0]
+        logits = self.session.run(None, {"input": batch})[0][0]
         t2 = time.perf_counter()
         exp = np.exp(logits - logits.max(axis=0, keepdims=True))
         probabilities = exp / exp.sum(axis=0, keepdims=True)
         if write:
-            probabilities.astype("<f4").tofile(out_dir / f"{path.stem}.bin")
+            probabilities.astype("<f4").tofile(self.out_dir / f"{path.stem}.bin")
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
-    one(tiles[0], write=False)  # warm: the session's first run allocates for the shape
-    totals = {"decode": 0.0, "onnx": 0.0, "write": 0.0}
-    started = time.perf_counter()
-    for path in tiles:
-        decode, onnx, write = one(path, write=True)
-        totals["decode"] += decode
-        totals["onnx"] += onnx
-        totals["write"] += write
-    totals["wall"] = time.perf_counter() - started
-    return totals
+    def run(self, tiles: list[Path]) -> dict[str, float]:
+        totals = {"decode": 0.0, "onnx": 0.0, "write": 0.0}
+        started = time.perf_counter()
+        for path in tiles:
+            decode, onnx, write = self._one(path, write=True)
+            totals["decode"] += decode
+            totals["onnx"] += onnx
+            totals["write"] += write
+        totals["wall"] = time.perf_counter() - started
+        return totals
 
 
 # ---- dlwatchd through the spool ---------------------------------------------------------------------------------
@@ -326,13 +336,20 @@ def pixel_request(tiles: list[Path], output_dir: Path, precision: str) -> dict[s
     }
 
 
-def throughput(client: SpoolClient, spool: Path, tiles: list[Path], precision: str) -> tuple[Timed, Path]:
-    """Warm the model cache with one tile, then time one request holding every tile."""
+def warm(client: SpoolClient, spool: Path, tiles: list[Path], precision: str) -> None:
+    """One tile through the daemon, so the model is loaded and its session allocated for the tile shape."""
     run_request(
         client, spool, f"warm-{precision}", pixel_request(tiles[:1], spool / "outputs" / "warm", precision), 0.05
     )
+
+
+def throughput(
+    client: SpoolClient, spool: Path, tiles: list[Path], precision: str, label: str = ""
+) -> tuple[Timed, Path]:
+    """Time one request holding every tile (the model already warm)."""
     out = spool / "outputs" / precision
-    return run_request(client, spool, f"all-{precision}", pixel_request(tiles, out, precision), 0.05), out
+    job_id = f"all-{precision}{label}"
+    return run_request(client, spool, job_id, pixel_request(tiles, out, precision), 0.05), out
 
 
 def read_map(folder: Path, stem: str, size: int) -> np.ndarray:
@@ -527,24 +544,43 @@ def main() -> None:
         Image.open(tiles[0]).crop((0, 0, SMALL, SMALL)).save(small)
 
         reference_dir = spool / "outputs" / "reference"
-        ref = reference_loop(model_dir / "model.onnx", tiles, reference_dir)
-        rate_a, rate_ort = n / ref["wall"], n / ref["onnx"]
-        say("\n(a) reference loop, one tile at a time: Pillow, numpy percentile_99, ORT session with default options,")
-        say("    numpy softmax, ndarray.tofile; warm session")
-        say(
-            f"    {n} tiles in {ref['wall']:.1f} s: {rate_a:.3f} tiles/s = {rate_a * GFLOP_PER_TILE:.1f} GFLOP/s",
-            f"   [per tile: decode+normalize {1000 * ref['decode'] / n:.0f} ms, ORT {1000 * ref['onnx'] / n:.0f} ms,",
-            f" softmax+write {1000 * ref['write'] / n:.0f} ms]",
-        )
-        say(f"    ONNX Runtime alone: {rate_ort:.3f} tiles/s = {rate_ort * GFLOP_PER_TILE:.1f} GFLOP/s")
-
+        reference = ReferenceLoop(model_dir / "model.onnx", reference_dir, tiles[0])
         proc = start_daemon(spool)
         client = SpoolClient(spool)
         try:
-            fp32, fp32_dir = throughput(client, spool, tiles, "fp32")
+            warm(client, spool, tiles, "fp32")
+            # (a) and (b) take turns, so the speed of this machine at each moment weighs on both alike
+            refs, fp32_runs = [], []
+            for number in range(plan.rounds):
+                refs.append(reference.run(tiles))
+                fp32_runs.append(throughput(client, spool, tiles, "fp32", f"-{number}"))
+            fp32_dir = fp32_runs[0][1]
+            a_rates = [n / ref["wall"] for ref in refs]
+            ort_rates = [n / ref["onnx"] for ref in refs]
+            b_rates = [n / (timed.finished - timed.renamed) for timed, _ in fp32_runs]
+            rate_a, rate_ort = statistics.median(a_rates), statistics.median(ort_rates)
+            ref = refs[-1]
+            say(
+                "\n(a) reference loop, one tile at a time: Pillow, numpy percentile_99, ORT session with default ",
+                f"options, numpy softmax, ndarray.tofile; warm session; {plan.rounds} rounds taking turns with (b)",
+            )
+            say(
+                f"    median {rate_a:.3f} tiles/s = {rate_a * GFLOP_PER_TILE:.1f} GFLOP/s ",
+                f"(rounds: {', '.join(f'{rate:.2f}' for rate in a_rates)})",
+                f"   [last round, per tile: decode+normalize {1000 * ref['decode'] / n:.0f} ms, ",
+                f"ORT {1000 * ref['onnx'] / n:.0f} ms, softmax+write {1000 * ref['write'] / n:.0f} ms]",
+            )
+            say(f"    ONNX Runtime alone: median {rate_ort:.3f} tiles/s = {rate_ort * GFLOP_PER_TILE:.1f} GFLOP/s")
+            report_daemon("(b) fp32", fp32_runs[-1][0], n, rate_a, rate_ort)
+            ratios = [b / a for a, b in zip(a_rates, b_rates, strict=True)]
+            say(
+                f"    each round against the (a) round just before it: {', '.join(f'{r:.2f}x' for r in ratios)}; ",
+                f"median (b) {statistics.median(b_rates):.3f} tiles/s = {statistics.median(ratios):.2f}x (a)",
+            )
+            warm(client, spool, tiles, "int8")
             int8, int8_dir = throughput(client, spool, tiles, "int8")
+            warm(client, spool, tiles, "bf16")
             bf16, bf16_dir = throughput(client, spool, tiles[:bf16_count], "bf16")
-            report_daemon("(b) fp32", fp32, n, rate_a, rate_ort)
             report_daemon("(c) int8", int8, n, rate_a, rate_ort)
             report_daemon("(c) bf16", bf16, bf16_count, rate_a, rate_ort)
             if not cpu["bf16_native"]:

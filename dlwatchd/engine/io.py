@@ -210,7 +210,13 @@ def _decode(
     return _decode_pillow(fh, name, fmt, max_pixels, palette_indices)
 
 
-def _to_float(decoded: _Decoded, name: str) -> np.ndarray:
+# Pixel types kept as they are when a caller asks for integers: Normalizer.apply maps them through a lookup table.
+INTEGER_PIXELS = (np.dtype(np.uint8), np.dtype(np.uint16))
+
+
+def _to_float(decoded: _Decoded, name: str, keep_integers: bool = False) -> np.ndarray:
+    if keep_integers and decoded.pixels.dtype in INTEGER_PIXELS:
+        return decoded.pixels
     with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, reported just below
         pixels = np.array(decoded.pixels, dtype=np.float32)  # always a fresh, writable, C-ordered copy
     if decoded.pixels.dtype.kind == "f":
@@ -242,25 +248,44 @@ def read_image_and_depth(
     return _to_float(decoded, str(path)), decoded.bit_depth
 
 
-def read_image(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, expected_channels: int | None = None) -> np.ndarray:
+def read_image(
+    path: Path,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    expected_channels: int | None = None,
+    keep_integers: bool = False,
+) -> np.ndarray:
     """Decode an image file into a writable H×W×K float32 array in raw units.
 
-    The file is opened with `open_regular_file` (no final symlink). `expected_channels` only breaks ties when a
-    TIFF's axes string is unusable (§3.3). Raises E_IMAGE_TOO_LARGE (header over `max_pixels`, before
-    decoding), E_IMAGE_READ (unknown signature, damaged file, unsupported type), E_NONFINITE_INPUT.
+    With `keep_integers`, 8- and 16-bit pixels come back as uint8/uint16 instead (read-only, not copied), for
+    Normalizer.apply to map through a lookup table. The file is opened with `open_regular_file` (no final
+    symlink). `expected_channels` only breaks ties when a TIFF's axes string is unusable (§3.3). Raises
+    E_IMAGE_TOO_LARGE (header over `max_pixels`, before decoding), E_IMAGE_READ (unknown signature, damaged
+    file, unsupported type), E_NONFINITE_INPUT.
     """
-    return read_image_and_depth(path, max_pixels=max_pixels, expected_channels=expected_channels)[0]
+    decoded = _read_file(path, max_pixels, expected_channels, palette_indices=False)
+    return _to_float(decoded, str(path), keep_integers)
 
 
 def decode_image_bytes(
-    data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, expected_channels: int | None = None
+    data: bytes,
+    *,
+    name: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    expected_channels: int | None = None,
+    keep_integers: bool = False,
 ) -> np.ndarray:
     """`read_image` for bytes already in memory; `name` is used in error messages."""
-    return _to_float(_decode(io.BytesIO(data), name, max_pixels, expected_channels), name)
+    return _to_float(_decode(io.BytesIO(data), name, max_pixels, expected_channels), name, keep_integers)
 
 
 def read_data_url(
-    url: str, *, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, expected_channels: int | None = None
+    url: str,
+    *,
+    name: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    expected_channels: int | None = None,
+    keep_integers: bool = False,
 ) -> np.ndarray:
     """Decode a `data:` URL: everything after the first comma is base64 image bytes (§12.2).
 
@@ -273,7 +298,9 @@ def read_data_url(
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise DlwatchdError(ErrorCode.IMAGE_READ, f"The image {name} holds invalid base64 data: {exc}.") from None
-    return decode_image_bytes(data, name=name, max_pixels=max_pixels, expected_channels=expected_channels)
+    return decode_image_bytes(
+        data, name=name, max_pixels=max_pixels, expected_channels=expected_channels, keep_integers=keep_integers
+    )
 
 
 def _mask_labels_error(name: str, problem: str) -> DlwatchdError:

@@ -18,6 +18,7 @@ _FIELD = "input_config.normalization"
 _Z_CLIP = 5.0
 # Which statistics a strategy stores under dataset scope; fixed_range has fixed bounds instead.
 _STAT_KEYS = {"percentile_99": ("lo", "hi"), "min_max": ("lo", "hi"), "z_score": ("mean", "std")}
+_INTEGER_PIXELS = (np.dtype(np.uint8), np.dtype(np.uint16))
 
 Bounds = float | tuple[float, ...]
 
@@ -158,26 +159,37 @@ class Normalizer:
             )
         self.config = config
 
-    def apply(self, image: np.ndarray) -> tuple[np.ndarray, int]:
-        """Normalize raw H×W×K pixels into a new float32 array in [0, 1].
+    def apply(self, image: np.ndarray, *, channels_first: bool = False) -> tuple[np.ndarray, int]:
+        """Normalize raw H×W×K pixels into a new float32 array in [0, 1], H×W×K or (`channels_first`) K×H×W.
 
         Returns (array, degenerate channel count); a degenerate channel (or every channel, for a degenerate joint
         sample) is set to 0.0. Raises DlwatchdError(E_CHANNELS) when stored statistics or per-channel bounds do
         not match K. Non-finite pixels are the caller's to reject: with fixed bounds they stay non-finite.
+
+        uint8 and uint16 pixels take a faster road with the same result to the bit: the statistics come from
+        their histogram, and each channel maps through a lookup table holding the float arithmetic's result for
+        every value that occurs.
         """
-        x = np.asarray(image, dtype=np.float32)
+        integers = image.dtype in _INTEGER_PIXELS
+        x = image if integers else np.asarray(image, dtype=np.float32)
         if x.ndim != 3:
             raise DlwatchdError(ErrorCode.INTERNAL, f"normalize expects an H×W×K image, got shape {x.shape}")
-        out = np.empty(x.shape, dtype=np.float32)
+        height, width, channels = x.shape
+        out = np.empty((channels, height, width) if channels_first else x.shape, dtype=np.float32)
         degenerate = 0
         for group, stat in self._groups(x):
             for c in group:
-                plane = self._transform(x[..., c], stat)
+                target = out[c] if channels_first else out[..., c]
+                if integers:
+                    table = self._transform(np.arange(int(x[..., c].max()) + 1, dtype=np.float32), stat)
+                    plane = None if table is None else np.take(table, x[..., c])
+                else:
+                    plane = self._transform(x[..., c], stat)
                 if plane is None:
-                    out[..., c] = 0.0
+                    target[...] = 0.0
                     degenerate += 1
                 else:
-                    out[..., c] = plane
+                    target[...] = plane
         return out, degenerate
 
     def _groups(self, x: np.ndarray) -> Iterator[tuple[range, tuple[float, float]]]:
@@ -211,6 +223,8 @@ class Normalizer:
 
     def _tile_stat(self, sample: np.ndarray) -> tuple[float, float]:
         strategy = self.config.strategy
+        if sample.dtype in _INTEGER_PIXELS and strategy != "percentile_99":
+            sample = sample.astype(np.float32)  # exact; the statistics below are then those of the float road
         if strategy == "percentile_99":
             p = self.config.clip_percentile
             fast = _integer_percentiles(sample, (100.0 - p, p))
@@ -239,19 +253,24 @@ class Normalizer:
 
 
 def _integer_percentiles(sample: np.ndarray, percents: tuple[float, float]) -> tuple[float, float] | None:
-    """np.percentile's two values (linear method, float32 input), from a histogram, for 8- and 16-bit pixels.
+    """np.percentile's two values (linear method, as for float32 input), from a histogram, for 8/16-bit pixels.
 
     Decoded 8/16-bit images hold whole numbers in 0..65535; their order statistics come from one bincount in a
     single pass, where np.percentile partitions the whole plane once per percentile. The interpolation repeats
     numpy's own steps on float32 values, so the result is the same number. None for any other data.
     """
-    if sample.dtype != np.float32 or sample.size == 0:
+    if sample.size == 0:
         return None
-    low, high = float(sample.min()), float(sample.max())
-    if not (low >= 0.0 and high <= 65535.0):
-        return None
-    values = sample.astype(np.uint16)
-    if not np.array_equal(values, sample):
+    if sample.dtype in _INTEGER_PIXELS:
+        values, high = sample, int(sample.max())
+    elif sample.dtype == np.float32:
+        low, high = float(sample.min()), float(sample.max())
+        if not (low >= 0.0 and high <= 65535.0):
+            return None
+        values = sample.astype(np.uint16)
+        if not np.array_equal(values, sample):
+            return None
+    else:
         return None
     cumulative = np.cumsum(np.bincount(values.ravel(), minlength=int(high) + 1))
     count = sample.size

@@ -100,13 +100,13 @@ def _decode(part: _Request, index: int, selected: list[int] | None, normalizer: 
 
     tile = part.request.tiles[index]
     if tile.data.startswith("data:"):
-        image = read_data_url(tile.data, name=f"tile {tile.id}")
+        image = read_data_url(tile.data, name=f"tile {tile.id}", keep_integers=True)
     else:
         path = resolve_read_path(tile.data, part.ctx.read_roots, field=f"tiles[{index}].data")
-        image = read_image(path)
+        image = read_image(path, keep_integers=True)
     image = select_channels(image, selected, name=f"tile {tile.id}")
-    normalized, _ = normalizer.apply(image)
-    return np.ascontiguousarray(normalized.transpose(2, 0, 1))
+    normalized, _ = normalizer.apply(image, channels_first=True)
+    return normalized
 
 
 def _prepare(part: _Request, model: Any, pool: ThreadPoolExecutor) -> list[Callable[[], Future[np.ndarray]]]:

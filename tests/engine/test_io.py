@@ -272,3 +272,20 @@ def test_select_channels() -> None:
     assert "5" in error.message and "5 channel(s)" in error.message
     assert error.field == "input_config.selected_channels"
     _fails(ErrorCode.CHANNELS, "g.png", select_channels, gray, [-1], name="g.png")
+
+
+def test_keep_integers_returns_8_and_16_bit_pixels_as_stored(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    Image.fromarray(rgb, "RGB").save(tmp_path / "a.png")
+    deep = np.random.default_rng(1).integers(0, 65536, (6, 7, 4), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "b.tif", deep, photometric="minisblack", planarconfig="contig")
+    floats = np.random.default_rng(2).random((5, 5, 2)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "c.tif", floats, photometric="minisblack", planarconfig="contig")
+    kept = read_image(tmp_path / "a.png", keep_integers=True)
+    assert kept.dtype == np.uint8 and np.array_equal(kept, rgb)
+    assert np.array_equal(read_image(tmp_path / "a.png"), rgb.astype(np.float32))
+    kept = read_image(tmp_path / "b.tif", keep_integers=True)
+    assert kept.dtype == np.uint16 and np.array_equal(kept, deep)
+    assert read_image(tmp_path / "c.tif", keep_integers=True).dtype == np.float32  # floats are never integers
+    url = "data:image/png;base64," + base64.b64encode((tmp_path / "a.png").read_bytes()).decode()
+    assert read_data_url(url, name="tile", keep_integers=True).dtype == np.uint8

@@ -266,3 +266,35 @@ def test_non_integer_or_out_of_range_pixels_take_numpys_own_path() -> None:
     assert _integer_percentiles(np.array([-1.0, 3.0], np.float32), (1.0, 99.0)) is None
     assert _integer_percentiles(np.array([70000.0], np.float32), (1.0, 99.0)) is None
     assert _integer_percentiles(np.array([1.0, 2.0]), (1.0, 99.0)) is None  # float64 data
+
+
+INTEGER_IMAGES = {
+    "uint8 uniform": np.random.default_rng(1).integers(0, 256, (61, 47, 3), dtype=np.uint8),
+    "uint8 skewed": np.random.default_rng(2).gamma(2.0, 20.0, (40, 33, 3)).clip(0, 255).astype(np.uint8),
+    "uint16 12-bit, 5 channels": np.random.default_rng(3).integers(0, 4096, (30, 20, 5), dtype=np.uint16),
+    "uint16 one value": np.full((9, 8, 2), 7, dtype=np.uint16),
+}
+ROAD_CONFIGS = [
+    NormalizationConfig(strategy=strategy, per_channel=per_channel)
+    for strategy in ("percentile_99", "min_max", "z_score")
+    for per_channel in (True, False)
+] + [
+    NormalizationConfig(strategy="fixed_range", min=10.0, max=200.0),
+    NormalizationConfig(strategy="percentile_99", scope="dataset", stats=[{"lo": 3.0, "hi": 180.0}] * 5),
+]
+
+
+@pytest.mark.parametrize("name", sorted(INTEGER_IMAGES))
+@pytest.mark.parametrize("config", ROAD_CONFIGS, ids=lambda c: f"{c.strategy}-{c.scope}-{c.per_channel}")
+def test_integer_pixels_normalize_to_the_same_bits_as_their_float_values(name: str, config: NormalizationConfig) -> None:
+    image = INTEGER_IMAGES[name]
+    if config.scope == "dataset":
+        config = NormalizationConfig(**{**config.to_dict(), "stats": config.stats[: image.shape[2]]})
+    normalizer = Normalizer(config)
+    expected, expected_degenerate = normalizer.apply(image.astype(np.float32))
+    hwc, degenerate = normalizer.apply(image)
+    chw, degenerate_first = normalizer.apply(image, channels_first=True)
+    assert hwc.dtype == chw.dtype == np.float32
+    assert np.array_equal(hwc, expected) and np.array_equal(chw, expected.transpose(2, 0, 1))
+    assert chw.flags.c_contiguous
+    assert degenerate == degenerate_first == expected_degenerate
