@@ -430,10 +430,15 @@ def _predict(model: LoadedModel, arrays: list[np.ndarray], max_batch: int) -> li
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Probabilities over the class axis (0) of C×H×W logits, in float32, max-subtracted."""
-    shifted = logits.astype(np.float32) - logits.max(axis=0, keepdims=True).astype(np.float32)
-    exponent = np.exp(shifted)
-    return exponent / exponent.sum(axis=0, keepdims=True)
+    """Probabilities over the class axis (0) of C×H×W logits, in float32, max-subtracted.
+
+    One copy of the logits (which may be a view into the runtime's output buffer), then every step in place.
+    """
+    probabilities = np.array(logits, dtype=np.float32, order="C")
+    probabilities -= probabilities.max(axis=0, keepdims=True)
+    np.exp(probabilities, out=probabilities)
+    probabilities /= probabilities.sum(axis=0, keepdims=True)
+    return probabilities
 
 
 def _out_of_memory(exc: BaseException) -> bool:
