@@ -109,7 +109,10 @@ class Intake:
             self.process_claim(job_id, claim, report)
 
     def process_claim(self, job_id: str, claim: Path, report: IntakeReport) -> None:
-        """Validate one claimed request and queue or reject it; never raises for bad input."""
+        """Validate one claimed request and queue or reject it; never raises for bad input.
+
+        Raises OSError when the spool cannot be written or read (the claim is left for recover_claims).
+        """
         try:
             existing = read_status(self.layout.status_path(job_id))
             if existing is not None:
@@ -134,8 +137,10 @@ class Intake:
                 )
             )
         except OSError as exc:
-            # The spool itself misbehaves (share gone, permissions): leave the claim for the next scan.
+            # The spool itself misbehaves (disk full, share gone, permissions): the claim stays in tmp/ under
+            # this daemon's name, and recover_claims finishes it once the spool works again.
             logger.error("intake of %s failed: %s", job_id, exc)
+            raise
 
     def _read_claimed(self, claim: Path) -> bytes:
         info = os.lstat(claim)

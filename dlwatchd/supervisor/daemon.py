@@ -37,7 +37,7 @@ from dlwatchd.watch.hints import HintWatcher, Wakeup
 
 logger = logging.getLogger("dlwatchd.supervisor")
 
-UNREADABLE_PREFIX = "the spool cannot be read"
+UNREADABLE_PREFIX = "the spool cannot be used"
 
 _MAX_LOOP_FAILURES = 20
 _DEVICE_PROBE_S = 5.0
@@ -107,7 +107,10 @@ class Supervisor:
             lane.start()
         self._heartbeat()
         self.watcher.start()
-        reconciling.recover_own(self)
+        try:
+            reconciling.recover_own(self)
+        except OSError as exc:  # the spool cannot be written now: every rescan tries again
+            self._unreadable(exc)
         self._full_scan()
         self.state = "ready" if self.reason is None else "degraded"
         self._heartbeat()
@@ -287,6 +290,9 @@ class Supervisor:
         if self.reason and self.reason.startswith(("spool folders", UNREADABLE_PREFIX)):
             self.reason = None
         try:
+            report = IntakeReport()
+            self.intake.recover_claims(self.me, report)  # requests whose intake an error cut short
+            self.count(report)
             self._run_intake()
             self.refresh_queue()
             for job_id in [*self.queue, *self.paused]:

@@ -187,6 +187,26 @@ def test_status_json_that_cannot_be_written(
     assert_healthy(client)
 
 
+def test_disk_full_at_intake_keeps_the_request_until_there_is_room(
+    make_daemon, client: SpoolClient, spool: Path, tmp_path: Path
+) -> None:
+    state, full = tmp_path / "faults", tmp_path / "disk-is-full"
+    spec = {"name": "status.json", "while_exists": str(full), "process": "supervisor"}
+    daemon = make_daemon(env=faults(state, write_error=spec))
+    full.touch()
+    job = client.submit({"kind": "test-sleep"})
+    beat = wait_for(lambda: (b := daemon.heartbeat()) and b["state"] == "degraded" and b, timeout=30)
+    assert beat["reason"].startswith("the spool cannot be used") and "No space left" in beat["reason"]
+    assert_consistent(spool)  # claimed into tmp/, not lost, nothing half-written visible
+    assert client.status(job) is None
+    full.unlink()
+    assert wait_state(client, job, TERMINAL, timeout=30).state.value == "succeeded"
+    assert len(runs(spool, job)) == 1
+    assert temp_files(spool) == []
+    wait_for(lambda: daemon.heartbeat()["state"] == "ready", timeout=10)
+    assert_healthy(client)
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Any:
     """A real 8 MiB filesystem (tmpfs), where this machine lets the tests mount one."""
@@ -376,7 +396,7 @@ def test_a_spool_that_cannot_be_read_degrades_then_recovers(
     flag.touch()
     job = client.submit({"kind": "test-sleep"})
     beat = wait_for(lambda: (b := daemon.heartbeat()) and b["state"] == "degraded" and b, timeout=30)
-    assert beat["reason"].startswith("the spool cannot be read") and "Permission denied" in beat["reason"]
+    assert beat["reason"].startswith("the spool cannot be used") and "Permission denied" in beat["reason"]
     time.sleep(1.0)
     assert client.status(job) is None and (spool / "incoming" / f"{job}.json").exists(), "nothing moved meanwhile"
     assert daemon.proc.poll() is None

@@ -286,7 +286,9 @@ ROAD_CONFIGS = [
 
 @pytest.mark.parametrize("name", sorted(INTEGER_IMAGES))
 @pytest.mark.parametrize("config", ROAD_CONFIGS, ids=lambda c: f"{c.strategy}-{c.scope}-{c.per_channel}")
-def test_integer_pixels_normalize_to_the_same_bits_as_their_float_values(name: str, config: NormalizationConfig) -> None:
+def test_integer_pixels_normalize_to_the_same_bits_as_their_float_values(
+    name: str, config: NormalizationConfig
+) -> None:
     image = INTEGER_IMAGES[name]
     if config.scope == "dataset":
         config = NormalizationConfig(**{**config.to_dict(), "stats": config.stats[: image.shape[2]]})
