@@ -181,8 +181,9 @@ class Normalizer:
             for c in group:
                 target = out[c] if channels_first else out[..., c]
                 if integers:
-                    table = self._transform(np.arange(int(x[..., c].max()) + 1, dtype=np.float32), stat)
-                    plane = None if table is None else np.take(table, x[..., c])
+                    indices = x[..., c]
+                    table = self._transform(np.arange(int(indices.max()) + 1, dtype=np.float32), stat)
+                    plane = None if table is None else table[indices]
                 else:
                     plane = self._transform(x[..., c], stat)
                 if plane is None:
@@ -264,10 +265,10 @@ def _integer_percentiles(sample: np.ndarray, percents: tuple[float, float]) -> t
     if sample.dtype in _INTEGER_PIXELS:
         values, high = sample, int(sample.max())
     elif sample.dtype == np.float32:
-        low, high = float(sample.min()), float(sample.max())
-        if not (low >= 0.0 and high <= 65535.0):
+        low, top = float(sample.min()), float(sample.max())
+        if not (low >= 0.0 and top <= 65535.0):
             return None
-        values = sample.astype(np.uint16)
+        values, high = sample.astype(np.uint16), int(top)
         if not np.array_equal(values, sample):
             return None
     else:
