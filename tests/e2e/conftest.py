@@ -155,6 +155,12 @@ def wait_state(client: SpoolClient, job_id: str, states: set[str], timeout: floa
     return wait_for(check, timeout)
 
 
+def wait_filed(spool: Path, job_id: str, folder: str, timeout: float = 30.0) -> None:
+    """Wait until the job's request file is in `folder` (done/, failed/, ...): the daemon moves it there just
+    after it writes the terminal status, so a test that saw the status may look a moment too early."""
+    wait_for(lambda: (spool / folder / f"{job_id}.json").exists(), timeout)
+
+
 def runs(spool: Path, job_id: str) -> list[str]:
     path = spool / "jobs" / job_id / "runs.txt"
     return path.read_text().splitlines() if path.exists() else []

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import runs, step_of, wait_for, wait_state
+from conftest import runs, step_of, wait_filed, wait_for, wait_state
 from test_infer_e2e import make_model_folder, tile_png
 from test_train_e2e import dataset, train_request
 
@@ -260,6 +260,7 @@ def test_sigkill_of_the_daemon_at_each_stage(
     status = wait_state(client, job, TERMINAL, timeout=60)
     assert status.state.value == "succeeded", status.error
     assert len(runs(spool, job)) == 1, "ran exactly once"
+    wait_filed(spool, job, "done")
     assert os.listdir(spool / "done") == [f"{job}.json"] and os.listdir(spool / "running") == []
     assert_consistent(spool)
 
@@ -309,6 +310,7 @@ def test_a_frozen_daemon_is_taken_over_and_publishes_nothing_when_it_wakes(
     wait_for(lambda: "discarded" in alpha.log.read_text() or "is gone" in alpha.log.read_text(), timeout=30)
     time.sleep(1.0)
     assert client.layout.status_path(job).read_bytes() == finished
+    wait_filed(spool, job, "done")
     assert os.listdir(spool / "done") == [f"{job}.json"] and os.listdir(spool / "running") == []
     assert [line.split()[0] for line in runs(spool, job)] == ["1", "2"]
     assert alpha.proc.poll() is None, "the woken daemon carries on"
@@ -331,7 +333,7 @@ def test_cancel_racing_completion_ends_in_one_state(daemon, client: SpoolClient,
     assert set(ends.values()) <= {"succeeded", "cancelled"}
     for job, end in ends.items():
         folder = {"succeeded": "done", "cancelled": "cancelled"}[end]
-        assert (spool / folder / f"{job}.json").exists()
+        wait_filed(spool, job, folder)
     assert_consistent(spool)
 
 

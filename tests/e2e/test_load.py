@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import runs, wait_for
+from conftest import runs, wait_filed, wait_for
 
 from dlwatchd.client import SpoolClient
 from dlwatchd.protocol.status import JobStatus
@@ -45,7 +45,7 @@ class Checker:
 def test_daemons_share_300_mixed_jobs(make_daemon, client: SpoolClient, spool: Path, daemons: int) -> None:
     names = DAEMONS[:daemons]
     for name in names:
-        make_daemon(name, env={"DLWATCHD_DEAD_AFTER": "5"})
+        make_daemon(name)
     checker = Checker(spool)
     expected: dict[str, str] = {}
     bad: list[str] = []
@@ -88,7 +88,7 @@ def test_daemons_share_300_mixed_jobs(make_daemon, client: SpoolClient, spool: P
     assert {job: s.state.value for job, s in statuses.items()} == expected, ends
     for job, status in statuses.items():
         folder = {"succeeded": "done", "rejected": "rejected", "cancelled": "cancelled"}[expected[job]]
-        assert (spool / folder / f"{job}.json").exists(), job
+        wait_filed(spool, job, folder)
         if status.kind in ("test-sleep", "test-train") and expected[job] == "succeeded":
             assert len(runs(spool, job)) == 1, f"{job} ran {len(runs(spool, job))} times"
             assert status.attempt == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from conftest import runs, wait_state
+from conftest import runs, wait_filed, wait_state
 
 from dlwatchd.client import SpoolClient
 
@@ -18,7 +18,7 @@ def test_health_answers_with_daemon_health(daemon, client: SpoolClient) -> None:
     assert status.result["watcher"] == "native"
     assert set(status.result["lanes"]) == {"train", "infer", "query"}
     assert status.client == {"name": "pytest", "version": "1"}
-    assert (client.layout.root / "done" / f"{job}.json").exists()
+    wait_filed(client.layout.root, job, "done")
 
 
 def test_gpu_reports_the_device(daemon, client: SpoolClient) -> None:

@@ -7,7 +7,7 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import runs, step_of, wait_for, wait_state
+from conftest import runs, step_of, wait_filed, wait_for, wait_state
 
 from dlwatchd.client import SpoolClient
 
@@ -79,9 +79,10 @@ def test_sigkill_of_the_daemon_then_restart(make_daemon, client: SpoolClient, sp
         assert statuses[job].state.value == "succeeded"
         assert len(runs(spool, job)) == 1, "a job that never started must run exactly once"
     assert wait_state(client, training, TERMINAL).state.value == "cancelled"
-    assert os.listdir(spool / "running") == []
     for job in statuses:
-        assert (spool / "done" / f"{job}.json").exists()
+        wait_filed(spool, job, "done")
+    wait_filed(spool, training, "cancelled")
+    assert os.listdir(spool / "running") == []
 
 
 def test_restart_resumes_a_training_from_its_checkpoint(make_daemon, client: SpoolClient) -> None:
@@ -115,6 +116,8 @@ def test_two_daemons_share_a_spool_and_run_each_job_once(make_daemon, client: Sp
     assert all(len(runs(spool, job)) == 1 for job in jobs)
     owners = {s.daemon for s in statuses.values()}
     assert owners <= {"alpha", "beta"}
+    for job in jobs:
+        wait_filed(spool, job, "done")
     assert len(os.listdir(spool / "done")) == 100
 
 
