@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import step_of, wait_for, wait_state
+from conftest import step_of, wait_filed, wait_for, wait_state
 
 from dlwatchd.client import SpoolClient
 
@@ -46,7 +46,7 @@ def test_bad_requests_are_rejected_with_a_code(daemon, client: SpoolClient, spoo
     status = wait_state(client, case, {"rejected"}, timeout=10)
     assert status.error.code.value == code
     assert status.error.message.endswith(".")
-    assert (spool / "rejected" / f"{case}.json").exists()
+    wait_filed(spool, case, "rejected")
     assert not (spool / "incoming" / f"{case}.json").exists()
     if case == "bad-json":
         assert (status.error.line, status.error.column) == (2, 13)
@@ -124,7 +124,7 @@ def test_cancel_of_a_queued_job(daemon, client: SpoolClient) -> None:
     status = wait_state(client, waiting, {"cancelled"}, timeout=10)
     assert status.result is None
     assert not (client.layout.job_dir(waiting) / "runs.txt").exists()
-    assert (client.layout.root / "cancelled" / f"{waiting}.json").exists()
+    wait_filed(client.layout.root, waiting, "cancelled")
     client.cancel(blocker)
     assert wait_state(client, blocker, {"cancelled"}).state.value == "cancelled"
 

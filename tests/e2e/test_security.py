@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import REPO, Daemon, wait_for, wait_state
+from conftest import REPO, Daemon, wait_filed, wait_for, wait_state
 from PIL import Image
 from test_infer_e2e import make_model_folder, tile_png
 
@@ -442,8 +442,8 @@ def test_request_names_that_are_not_regular_files(world: World, what: str) -> No
             holder.close()
     assert time.monotonic() - started < 5, "the daemon blocked on a request that is not a regular file"
     assert status.state.value == "rejected" and status.error.code.value == "E_SCHEMA", status.error
+    wait_filed(world.spool, job_id, "rejected")  # the move follows the status
     assert not os.path.lexists(target)
-    assert os.path.lexists(world.spool / "rejected" / f"{job_id}.json")
     assert not (world.spool / "queued" / f"{job_id}.json").exists()
     assert_secret_untouched(world)
     assert_healthy(world.client)
@@ -511,9 +511,7 @@ def test_hostile_json(world: World, case: str) -> None:
         assert status.error is None
     else:
         assert status.error.code.value == code, status.error
-        assert (world.spool / "rejected" / f"{job_id}.json").exists() or wait_for(
-            lambda: (world.spool / "rejected" / f"{job_id}.json").exists(), timeout=5
-        )
+        wait_filed(world.spool, job_id, "rejected", timeout=5)
     assert_healthy(world.client)
 
 
