@@ -14,10 +14,7 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pyt
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """With pytest-xdist (`make test` runs two workers), the Slurm tests share one worker: their session
-    fixture starts one throwaway cluster on fixed ports, which a second worker could not start beside it.
-    They are collected first, so that their worker starts on them while the other takes the rest, instead
-    of running them alone at the end."""
+    fixture starts one throwaway cluster on fixed ports, which a second worker could not start beside it."""
     for item in items:
         if "slurm" in item.path.parts:
             item.add_marker(pytest.mark.xdist_group("slurm"))
-    items.sort(key=lambda item: "slurm" not in item.path.parts)
