@@ -37,7 +37,7 @@ from dlwatchd.watch.hints import HintWatcher, Wakeup
 
 logger = logging.getLogger("dlwatchd.supervisor")
 
-UNREADABLE_PREFIX = "the spool cannot be used"
+UNUSABLE_PREFIX = "the spool cannot be used"
 
 _MAX_LOOP_FAILURES = 20
 _DEVICE_PROBE_S = 5.0
@@ -110,7 +110,7 @@ class Supervisor:
         try:
             reconciling.recover_own(self)
         except OSError as exc:  # the spool cannot be written now: every rescan tries again
-            self._unreadable(exc)
+            self._spool_unusable(exc)
         self._full_scan()
         self.state = "ready" if self.reason is None else "degraded"
         self._heartbeat()
@@ -269,25 +269,25 @@ class Supervisor:
             elif directory.parent == self.layout.jobs:
                 self._check_markers(directory.name)
         except OSError as exc:
-            self._unreadable(exc)
+            self._spool_unusable(exc)
 
-    def _unreadable(self, exc: OSError) -> None:
+    def _spool_unusable(self, exc: OSError) -> None:
         where = f" ({exc.filename})" if exc.filename else ""
-        self.reason = f"{UNREADABLE_PREFIX}{where}: {exc.strerror or exc}; retrying every rescan"
+        self.reason = f"{UNUSABLE_PREFIX}{where}: {exc.strerror or exc}; retrying every rescan"
         logger.error(self.reason)
 
     def _full_scan(self) -> None:
         """The directory listing is the truth: intake, queue, markers and orphaned claims, every interval.
 
-        A spool that cannot be read (a share gone away, permissions changed) degrades the daemon until a
-        later scan reads it again; nothing is moved meanwhile.
+        A spool that cannot be used (a share gone away, permissions changed, a full disk) degrades the daemon
+        until a later scan succeeds; nothing is moved meanwhile.
         """
         self._next_scan = time.monotonic() + self.settings.rescan_interval
         missing = self.layout.missing_dirs()
         if missing:
             self.reason = f"spool folders missing or replaced by links: {', '.join(missing)}"
             return
-        if self.reason and self.reason.startswith(("spool folders", UNREADABLE_PREFIX)):
+        if self.reason and self.reason.startswith(("spool folders", UNUSABLE_PREFIX)):
             self.reason = None
         try:
             report = IntakeReport()
@@ -299,14 +299,14 @@ class Supervisor:
                 self._check_markers(job_id)
             reconciling.adopt_orphans(self)
         except OSError as exc:
-            self._unreadable(exc)
+            self._spool_unusable(exc)
             return
         self.counters.rescans += 1
         self.last_full_scan = utc_now()
 
     def _run_intake(self) -> None:
-        if self.reason and self.reason.startswith(("spool folders", UNREADABLE_PREFIX)):
-            return  # refuse to work in a spool whose folders were swapped out or cannot be read
+        if self.reason and self.reason.startswith(("spool folders", UNUSABLE_PREFIX)):
+            return  # refuse to work in a spool whose folders were swapped out or cannot be used
         report = self.intake.scan()
         self.count(report)
         if report.accepted:
