@@ -25,6 +25,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from dlwatchd.engine.normalization import INTEGER_PIXELS
 from dlwatchd.errors import DlwatchdError, ErrorCode
 from dlwatchd.spool.paths import open_regular_file
 
@@ -210,10 +211,6 @@ def _decode(
     return _decode_pillow(fh, name, fmt, max_pixels, palette_indices)
 
 
-# Pixel types kept as they are when a caller asks for integers: Normalizer.apply maps them through a lookup table.
-INTEGER_PIXELS = (np.dtype(np.uint8), np.dtype(np.uint16))
-
-
 def _to_float(decoded: _Decoded, name: str, keep_integers: bool = False) -> np.ndarray:
     if keep_integers and decoded.pixels.dtype in INTEGER_PIXELS:
         return decoded.pixels
@@ -257,11 +254,11 @@ def read_image(
 ) -> np.ndarray:
     """Decode an image file into a writable H×W×K float32 array in raw units.
 
-    With `keep_integers`, 8- and 16-bit pixels come back as uint8/uint16 instead (read-only, not copied), for
-    Normalizer.apply to map through a lookup table. The file is opened with `open_regular_file` (no final
-    symlink). `expected_channels` only breaks ties when a TIFF's axes string is unusable (§3.3). Raises
-    E_IMAGE_TOO_LARGE (header over `max_pixels`, before decoding), E_IMAGE_READ (unknown signature, damaged
-    file, unsupported type), E_NONFINITE_INPUT.
+    With `keep_integers`, 8- and 16-bit pixels come back as uint8/uint16 instead (not copied, so possibly
+    read-only), for Normalizer.apply to map through a lookup table. The file is opened with
+    `open_regular_file` (no final symlink). `expected_channels` only breaks ties when a TIFF's axes string
+    is unusable (§3.3). Raises E_IMAGE_TOO_LARGE (header over `max_pixels`, before decoding), E_IMAGE_READ
+    (unknown signature, damaged file, unsupported type), E_NONFINITE_INPUT.
     """
     decoded = _read_file(path, max_pixels, expected_channels, palette_indices=False)
     return _to_float(decoded, str(path), keep_integers)

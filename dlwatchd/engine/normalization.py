@@ -18,7 +18,8 @@ _FIELD = "input_config.normalization"
 _Z_CLIP = 5.0
 # Which statistics a strategy stores under dataset scope; fixed_range has fixed bounds instead.
 _STAT_KEYS = {"percentile_99": ("lo", "hi"), "min_max": ("lo", "hi"), "z_score": ("mean", "std")}
-_INTEGER_PIXELS = (np.dtype(np.uint8), np.dtype(np.uint16))
+# Pixel types normalized through a lookup table (io.read_image hands them over as they are on request).
+INTEGER_PIXELS = (np.dtype(np.uint8), np.dtype(np.uint16))
 
 Bounds = float | tuple[float, ...]
 
@@ -170,7 +171,7 @@ class Normalizer:
         their histogram, and each channel maps through a lookup table holding the float arithmetic's result for
         every value that occurs.
         """
-        integers = image.dtype in _INTEGER_PIXELS
+        integers = image.dtype in INTEGER_PIXELS
         x = image if integers else np.asarray(image, dtype=np.float32)
         if x.ndim != 3:
             raise DlwatchdError(ErrorCode.INTERNAL, f"normalize expects an H×W×K image, got shape {x.shape}")
@@ -224,7 +225,7 @@ class Normalizer:
 
     def _tile_stat(self, sample: np.ndarray) -> tuple[float, float]:
         strategy = self.config.strategy
-        if sample.dtype in _INTEGER_PIXELS and strategy != "percentile_99":
+        if sample.dtype in INTEGER_PIXELS and strategy != "percentile_99":
             sample = sample.astype(np.float32)  # exact; the statistics below are then those of the float road
         if strategy == "percentile_99":
             p = self.config.clip_percentile
@@ -262,7 +263,7 @@ def _integer_percentiles(sample: np.ndarray, percents: tuple[float, float]) -> t
     """
     if sample.size == 0:
         return None
-    if sample.dtype in _INTEGER_PIXELS:
+    if sample.dtype in INTEGER_PIXELS:
         values, high = sample, int(sample.max())
     elif sample.dtype == np.float32:
         low, top = float(sample.min()), float(sample.max())

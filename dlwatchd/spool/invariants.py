@@ -72,21 +72,8 @@ class SpoolChecker:
         return found
 
     def _places_of(self, job_id: str) -> list[str]:
-        places = [
-            place
-            for place, path in (
-                ("incoming", self.layout.incoming / f"{job_id}.json"),
-                ("queued", self.layout.queued / f"{job_id}.json"),
-                *((folder, self.layout.root / folder / f"{job_id}.json") for folder in TERMINAL_DIRS.values()),
-            )
-            if path.exists()
-        ]
-        places += [f"running@{claim[1]}" for name in _names(self.layout.running) if (claim := parse_claim_name(name))
-                   and claim[0] == job_id]  # fmt: skip
-        places += [
-            "tmp" for name in _names(self.layout.tmp) if name.startswith("intake.") and name.endswith(f".{job_id}.json")
-        ]
-        return places
+        """A second look at one job, taken only to confirm a finding (so a full listing again is cheap enough)."""
+        return self.places().get(job_id, [])
 
     @staticmethod
     def _owned(places: list[str]) -> list[str]:
