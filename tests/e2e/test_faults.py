@@ -74,32 +74,37 @@ class StatusWatch:
         self.path = client.layout.status_path(job_id)
         self.states: list[str] = []
         self.errors: list[str] = []
+        self._seq = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        seq = 0
         while not self._stop.is_set():
-            try:
-                data = self.path.read_bytes()
-            except FileNotFoundError:
-                continue
-            try:
-                status = json.loads(data)
-            except ValueError as exc:
-                self.errors.append(f"unparseable status.json: {exc}")
-                continue
-            if status["seq"] < seq:
-                self.errors.append(f"seq went back from {seq} to {status['seq']}")
-            seq = status["seq"]
-            if not self.states or self.states[-1] != status["state"]:
-                self.states.append(status["state"])
+            self._look()
             time.sleep(0.002)
 
+    def _look(self) -> None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            status = json.loads(data)
+        except ValueError as exc:
+            self.errors.append(f"unparseable status.json: {exc}")
+            return
+        if status["seq"] < self._seq:
+            self.errors.append(f"seq went back from {self._seq} to {status['seq']}")
+        self._seq = status["seq"]
+        if not self.states or self.states[-1] != status["state"]:
+            self.states.append(status["state"])
+
     def stop(self) -> list[str]:
+        """Stops polling and takes one last look, so the version that ended the wait is always among the states."""
         self._stop.set()
         self._thread.join(5)
+        self._look()
         return self.states
 
 
