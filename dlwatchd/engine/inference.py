@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 import threading
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from dlwatchd.engine.device import cpu_description, detect_device_type
 from dlwatchd.engine.models import create_model
 from dlwatchd.engine.normalization import NormalizationConfig
 from dlwatchd.engine.quantize import INT8_NAME
+from dlwatchd.engine.shape_sessions import ShapeSessions
 from dlwatchd.engine.tiles import pad_to_multiple
 from dlwatchd.errors import DlwatchdError, ErrorCode
 
@@ -56,6 +58,7 @@ class LoadedModel:
 
     `device` is "cuda:N", "mps", "coreml" or "cpu"; `providers` the ONNX Runtime providers in use ([] for PyTorch);
     `warnings` includes those from reading the metadata. Forward passes through one `lock` run one at a time.
+    `fixed_shapes` holds the fixed-shape sessions of an ONNX model on the CPU (shape_sessions), else None.
     """
 
     info: ModelInfo
@@ -68,6 +71,7 @@ class LoadedModel:
     precision: str
     warnings: list[str] = field(default_factory=list)
     lock: Any = field(default_factory=threading.Lock, repr=False)
+    fixed_shapes: ShapeSessions | None = field(default=None, repr=False)
     _run: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
@@ -159,14 +163,7 @@ def _load_onnx(info: ModelInfo, path: Path, use_gpu: bool, warnings: list[str], 
     providers: list[Any] = ["CPUExecutionProvider"]
     if wanted in onnxruntime.get_available_providers():
         providers.insert(0, (wanted, {"device_id": torch.cuda.current_device()} if kind == "cuda" else {}))
-    options = onnxruntime.SessionOptions()
-    # torch's default thread count is the physical core count; hyper-threads only slow convolutions down.
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Trained weights and activations hold many denormal floats, which CPUs compute many times slower; flushing
-    # them to zero changes no probability visibly (they are below 1e-38) and saves a large share of the time.
-    options.add_session_config_entry("session.set_denormal_as_zero", "1")
-    session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
+    session = onnxruntime.InferenceSession(str(path), sess_options=_session_options(), providers=providers)
     used = list(session.get_providers())
     if len(providers) > 1 and used[0] != wanted:
         warnings.append(f"ONNX Runtime could not start {wanted}; the model runs on the CPU.")
@@ -180,12 +177,63 @@ def _load_onnx(info: ModelInfo, path: Path, use_gpu: bool, warnings: list[str], 
     num_classes = _checked_count(info.num_classes, _static_dim(graph_output.shape), "classes", path, warnings)
     input_name, output_name = graph_input.name, graph_output.name
 
+    fixed = None
+    if used[0] == "CPUExecutionProvider":
+        loaded = _identity(os.stat(path))
+
+        def build(overrides: dict[str, int]) -> Any:
+            # Built later, in the background: the file must still be the one the dynamic session was made from.
+            with open(path, "rb") as handle:
+                if _identity(os.fstat(handle.fileno())) != loaded:
+                    raise RuntimeError(f"{path} changed since the model was loaded")
+                data = handle.read()
+            return onnxruntime.InferenceSession(
+                data, sess_options=_session_options(overrides), providers=["CPUExecutionProvider"]
+            )
+
+        fixed = ShapeSessions(graph_input.shape, build, label=f"of {info.model_id} ")
+
     def run(batch: np.ndarray) -> np.ndarray:
+        chosen = fixed.session_for(batch.shape) if fixed is not None else None
+        if fixed is not None and chosen is not None:
+            try:
+                return chosen.run([output_name], {input_name: batch})[0]
+            except Exception as exc:  # a shape-specific failure must not fail the tile: the dynamic session decides
+                fixed.drop(batch.shape, exc)
         return session.run([output_name], {input_name: batch})[0]
 
     return LoadedModel(
-        info, "onnx", device, used, num_classes, in_channels, info.size_divisor, precision, warnings, _run=run
+        info,
+        "onnx",
+        device,
+        used,
+        num_classes,
+        in_channels,
+        info.size_divisor,
+        precision,
+        warnings,
+        fixed_shapes=fixed,
+        _run=run,
     )
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _session_options(overrides: dict[str, int] | None = None) -> Any:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    # torch's default thread count is the physical core count; hyper-threads only slow convolutions down.
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Trained weights and activations hold many denormal floats, which CPUs compute many times slower; flushing
+    # them to zero changes no probability visibly (they are below 1e-38) and saves a large share of the time.
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    for name, size in (overrides or {}).items():
+        options.add_free_dimension_override_by_name(name, size)
+    return options
 
 
 def _load_torch(info: ModelInfo, path: Path, use_gpu: bool, precision: str, warnings: list[str]) -> LoadedModel:
