@@ -66,6 +66,7 @@ class Plan:
     per_client: int
     clients: int = 4
     rounds: int = 3
+    session_rounds: int = 12
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -80,6 +81,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             latency_requests=10,
             per_client=3,
             rounds=2,
+            session_rounds=3,
         )
     else:
         plan = Plan(
@@ -381,6 +383,35 @@ def truth_accuracy(folder: Path, truths: list[Path]) -> tuple[float, float]:
     return 100.0 * same / pixels, 100.0 * background / pixels
 
 
+def session_pairs(model_path: Path, tile: Path, rounds: int) -> dict[str, float]:
+    """Median ms per forward pass of one normalized tile for three sessions taking turns: default options (as in (a)),
+    dlwatchd's options, and dlwatchd's with the input shape fixed (as shape_sessions builds them)."""
+    import onnxruntime
+
+    from dlwatchd.engine.inference import session_options
+    from dlwatchd.engine.io import read_image
+    from dlwatchd.engine.normalization import NormalizationConfig, Normalizer
+
+    image = Normalizer(NormalizationConfig.from_dict(NORMALIZATION)).apply(read_image(tile))[0]
+    batch = np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32)
+    fixed = {"batch": 1, "height": batch.shape[2], "width": batch.shape[3]}
+    cpu = ["CPUExecutionProvider"]
+    sessions = {
+        "default options": onnxruntime.InferenceSession(str(model_path), providers=cpu),
+        "dlwatchd, dynamic shape": onnxruntime.InferenceSession(str(model_path), session_options(), providers=cpu),
+        "dlwatchd, fixed shape": onnxruntime.InferenceSession(str(model_path), session_options(fixed), providers=cpu),
+    }
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for number in range(rounds + 1):
+        order = list(sessions) if number % 2 == 0 else list(sessions)[::-1]
+        for name in order:
+            started = time.perf_counter()
+            sessions[name].run(None, {"input": batch})
+            if number:  # the first round allocates
+                times[name].append(time.perf_counter() - started)
+    return {name: 1000 * statistics.median(values) for name, values in times.items()}
+
+
 def model_compute_ms(model_dir: Path, tile: Path, repeats: int) -> tuple[float, float]:
     """Median ms of predict_probabilities on one normalized tile, and of decode + normalize, in this process."""
     from dlwatchd.engine.inference import predict_probabilities
@@ -571,6 +602,12 @@ def main() -> None:
                 f"ORT {1000 * ref['onnx'] / n:.0f} ms, softmax+write {1000 * ref['write'] / n:.0f} ms]",
             )
             say(f"    ONNX Runtime alone: median {rate_ort:.3f} tiles/s = {rate_ort * GFLOP_PER_TILE:.1f} GFLOP/s")
+            pairs = session_pairs(model_dir / "model.onnx", tiles[0], plan.session_rounds)
+            base = pairs["default options"]
+            say(
+                f"    ONNX Runtime sessions taking turns, {plan.session_rounds} rounds, {TILE} px tile, median ms: ",
+                ", ".join(f"{name} {ms:.0f} ({base / ms:.2f}x)" for name, ms in pairs.items()),
+            )
             report_daemon("(b) fp32", fp32_runs[-1][0], n, rate_a, rate_ort)
             ratios = [b / a for a, b in zip(a_rates, b_rates, strict=True)]
             say(

@@ -163,7 +163,7 @@ def _load_onnx(info: ModelInfo, path: Path, use_gpu: bool, warnings: list[str], 
     providers: list[Any] = ["CPUExecutionProvider"]
     if wanted in onnxruntime.get_available_providers():
         providers.insert(0, (wanted, {"device_id": torch.cuda.current_device()} if kind == "cuda" else {}))
-    session = onnxruntime.InferenceSession(str(path), sess_options=_session_options(), providers=providers)
+    session = onnxruntime.InferenceSession(str(path), sess_options=session_options(), providers=providers)
     used = list(session.get_providers())
     if len(providers) > 1 and used[0] != wanted:
         warnings.append(f"ONNX Runtime could not start {wanted}; the model runs on the CPU.")
@@ -188,7 +188,7 @@ def _load_onnx(info: ModelInfo, path: Path, use_gpu: bool, warnings: list[str], 
                     raise RuntimeError(f"{path} changed since the model was loaded")
                 data = handle.read()
             return onnxruntime.InferenceSession(
-                data, sess_options=_session_options(overrides), providers=["CPUExecutionProvider"]
+                data, sess_options=session_options(overrides), providers=["CPUExecutionProvider"]
             )
 
         fixed = ShapeSessions(graph_input.shape, build, label=f"of {info.model_id} ")
@@ -221,7 +221,8 @@ def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
     return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
-def _session_options(overrides: dict[str, int] | None = None) -> Any:
+def session_options(overrides: dict[str, int] | None = None) -> Any:
+    """dlwatchd's ONNX Runtime session options; `overrides` fixes named input dimensions (shape_sessions)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()

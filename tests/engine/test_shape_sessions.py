@@ -15,8 +15,8 @@ import pytest
 from test_inference import make_model_folder
 
 from dlwatchd.engine import shape_sessions
-from dlwatchd.engine.inference import LoadedModel, _session_options, load_model
-from dlwatchd.engine.shape_sessions import LIMIT, SIGHTINGS, ShapeSessions, dimension_overrides
+from dlwatchd.engine.inference import LoadedModel, load_model, session_options
+from dlwatchd.engine.shape_sessions import AGE_EVERY, LIMIT, SIGHTINGS, ShapeSessions, dimension_overrides
 
 DIMS = ["batch", 3, "height", "width"]
 
@@ -63,7 +63,7 @@ def test_a_shape_seen_twice_gets_a_session_that_answers_bit_for_bit_as_the_dynam
 
 def test_the_fixed_shape_graph_has_its_shape_arithmetic_folded_away(folder: Path, tmp_path: Path) -> None:
     def optimized(overrides: dict[str, int] | None, name: str) -> onnx.ModelProto:
-        options = _session_options(overrides)
+        options = session_options(overrides)
         options.optimized_model_filepath = str(tmp_path / name)
         options.log_severity_level = 3  # the hardware-specific-graph notice on saving
         onnxruntime.InferenceSession(
@@ -100,18 +100,43 @@ def test_a_model_file_replaced_before_the_build_keeps_the_dynamic_session(
     assert "changed since the model was loaded" in caplog.text
 
 
-def test_at_most_limit_sessions_are_kept_least_recently_used_first() -> None:
+def see(sessions: ShapeSessions, shape: tuple[int, ...], times: int) -> object:
+    for _ in range(times):
+        sessions.session_for(shape)
+    sessions.wait(10)
+    return sessions.session_for(shape)
+
+
+def test_at_most_limit_sessions_are_kept_for_the_shapes_seen_most() -> None:
     built: list[dict[str, int]] = []
     sessions = ShapeSessions(DIMS, lambda overrides: built.append(overrides) or f"session{len(built)}")
-    shapes = [(1, 3, 32 * (index + 1), 32) for index in range(LIMIT + 1)]
-    for shape in shapes:
-        for _ in range(SIGHTINGS):
+    shapes = [(batch, 3, 64, 64) for batch in range(1, LIMIT + 2)]
+    for shape in shapes[:LIMIT]:
+        assert see(sessions, shape, SIGHTINGS) is not None
+    # shapes that come about equally often (batch sizes of concurrent requests) do not take turns
+    for _ in range(5):
+        for shape in shapes:
             sessions.session_for(shape)
-        sessions.wait(10)
-        assert sessions.session_for(shape) is not None
-    assert len(built) == LIMIT + 1
-    assert sessions.shapes() == shapes[1:]
-    assert sessions.session_for(shapes[0]) is None  # evicted; counted again from one
+    assert len(built) == LIMIT and sessions.shapes() == shapes[:LIMIT]
+    # a shape seen more than twice as often as the least seen one takes its place
+    for shape in shapes[1:LIMIT]:
+        see(sessions, shape, 20)
+    assert see(sessions, shapes[-1], 30) is not None
+    assert sessions.shapes() == shapes[1:], "the least seen shape made way"
+    assert sessions.session_for(shapes[0]) is None
+
+
+def test_counts_age_so_a_shape_no_longer_sent_loses_its_place() -> None:
+    sessions = ShapeSessions(DIMS, lambda overrides: "session")
+    old = [(1, 3, 32 * index, 32) for index in range(1, LIMIT + 1)]
+    for shape in old:
+        see(sessions, shape, 100)
+    new = (1, 3, 512, 512)
+    see(sessions, new, 150)
+    assert new not in sessions.shapes(), "150 is not more than twice 100"
+    # the counts are halved every AGE_EVERY sightings: the new shape keeps coming, the old ones do not
+    assert see(sessions, new, AGE_EVERY) is not None
+    assert new in sessions.shapes() and len(sessions.shapes()) == LIMIT
 
 
 def test_one_build_at_a_time_and_a_failed_build_is_not_retried(caplog: pytest.LogCaptureFixture) -> None:
