@@ -494,6 +494,15 @@ def report_daemon(label: str, timed: Timed, count: int, rate_a: float, rate_ort:
     )
 
 
+def report_rounds(label: str, a_rates: list[float], runs: list[tuple[Timed, Path]], count: int) -> None:
+    rates = [count / (timed.finished - timed.renamed) for timed, _ in runs]
+    ratios = [rate / a for a, rate in zip(a_rates, rates, strict=True)]
+    say(
+        f"    each round against the (a) round just before it: {', '.join(f'{r:.2f}x' for r in ratios)}; ",
+        f"median {label} {statistics.median(rates):.3f} tiles/s = {statistics.median(ratios):.2f}x (a)",
+    )
+
+
 def measure_latency(client: SpoolClient, spool: Path, model_dir: Path, small: Path, requests: int) -> None:
     warm = spool / "outputs" / "warm"
     run_request(client, spool, "warm-small", pixel_request([small], warm, "fp32"), 0.01)
@@ -580,20 +589,22 @@ def main() -> None:
         client = SpoolClient(spool)
         try:
             warm(client, spool, tiles, "fp32")
-            # (a) and (b) take turns, so the speed of this machine at each moment weighs on both alike
-            refs, fp32_runs = [], []
+            warm(client, spool, tiles, "int8")
+            # (a), (b) and (c) int8 take turns, so the speed of this machine at each moment weighs on all alike
+            refs, fp32_runs, int8_runs = [], [], []
             for number in range(plan.rounds):
                 refs.append(reference.run(tiles))
                 fp32_runs.append(throughput(client, spool, tiles, "fp32", f"-{number}"))
+                int8_runs.append(throughput(client, spool, tiles, "int8", f"-{number}"))
             fp32_dir = fp32_runs[0][1]
             a_rates = [n / ref["wall"] for ref in refs]
             ort_rates = [n / ref["onnx"] for ref in refs]
-            b_rates = [n / (timed.finished - timed.renamed) for timed, _ in fp32_runs]
             rate_a, rate_ort = statistics.median(a_rates), statistics.median(ort_rates)
             ref = refs[-1]
             say(
                 "\n(a) reference loop, one tile at a time: Pillow, numpy percentile_99, ORT session with default ",
-                f"options, numpy softmax, ndarray.tofile; warm session; {plan.rounds} rounds taking turns with (b)",
+                "options, numpy softmax, ndarray.tofile; warm session; ",
+                f"{plan.rounds} rounds taking turns with (b) and (c) int8",
             )
             say(
                 f"    median {rate_a:.3f} tiles/s = {rate_a * GFLOP_PER_TILE:.1f} GFLOP/s ",
@@ -609,16 +620,12 @@ def main() -> None:
                 ", ".join(f"{name} {ms:.0f} ({base / ms:.2f}x)" for name, ms in pairs.items()),
             )
             report_daemon("(b) fp32", fp32_runs[-1][0], n, rate_a, rate_ort)
-            ratios = [b / a for a, b in zip(a_rates, b_rates, strict=True)]
-            say(
-                f"    each round against the (a) round just before it: {', '.join(f'{r:.2f}x' for r in ratios)}; ",
-                f"median (b) {statistics.median(b_rates):.3f} tiles/s = {statistics.median(ratios):.2f}x (a)",
-            )
-            warm(client, spool, tiles, "int8")
-            int8, int8_dir = throughput(client, spool, tiles, "int8")
+            report_rounds("(b)", a_rates, fp32_runs, n)
+            int8_dir = int8_runs[0][1]
+            report_daemon("(c) int8", int8_runs[-1][0], n, rate_a, rate_ort)
+            report_rounds("(c) int8", a_rates, int8_runs, n)
             warm(client, spool, tiles, "bf16")
             bf16, bf16_dir = throughput(client, spool, tiles[:bf16_count], "bf16")
-            report_daemon("(c) int8", int8, n, rate_a, rate_ort)
             report_daemon("(c) bf16", bf16, bf16_count, rate_a, rate_ort)
             if not cpu["bf16_native"]:
                 say(
