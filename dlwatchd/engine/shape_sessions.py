@@ -36,8 +36,9 @@ Shape = tuple[int, ...]
 
 
 def dimension_overrides(dims: Sequence[Any], shape: Shape) -> dict[str, int] | None:
-    """{symbolic dimension name: size} that fixes a graph input declared as `dims` to `shape`, or None when it cannot
-    be fixed by name (an unnamed dynamic dimension, one name bound to two sizes, a fixed size that disagrees)."""
+    """{symbolic dimension name: size} that fixes a graph input declared as `dims` to `shape`, or None when there is
+    nothing to fix (no dynamic dimension) or it cannot be fixed by name (an unnamed dynamic dimension, one name bound
+    to two sizes, a fixed size that disagrees)."""
     if len(dims) != len(shape):
         return None
     overrides: dict[str, int] = {}
@@ -50,7 +51,7 @@ def dimension_overrides(dims: Sequence[Any], shape: Shape) -> dict[str, int] | N
                 return None
         else:
             return None
-    return overrides
+    return overrides or None
 
 
 class ShapeSessions:

@@ -41,6 +41,7 @@ def settle(model: LoadedModel) -> ShapeSessions:
         ([None, 3, "height", "width"], (1, 3, 64, 64), None),  # an unnamed dynamic dimension
         (DIMS, (1, 4, 64, 64), None),  # the fixed channel count disagrees
         (DIMS, (3, 64, 64), None),
+        ([1, 3, 64, 64], (1, 3, 64, 64), None),  # already fixed: another session would only cost memory
     ],
 )
 def test_dimension_overrides(dims, shape, expected) -> None:
