@@ -226,11 +226,10 @@ def session_options(overrides: dict[str, int] | None = None) -> Any:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
-    # Left alone, ONNX Runtime runs one thread per physical core and pins each to its core, which measured 4-5 %
-    # faster here than the same count unpinned; a thread count set for the process (OMP_NUM_THREADS, as under
-    # Slurm) is honoured, as torch honours it, at the cost of the pinning.
-    if os.environ.get("OMP_NUM_THREADS"):
-        options.intra_op_num_threads = torch.get_num_threads()
+    # As many threads as torch uses (one per physical core, or OMP_NUM_THREADS), and unpinned: left alone, ONNX
+    # Runtime pins the threads of every session in every process to the same cores, which made one session alone
+    # 4-5 % faster here but a fixed-shape session taking turns with others 20 % slower (docs/engine.md).
+    options.intra_op_num_threads = torch.get_num_threads()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     for name, size in (overrides or {}).items():
         options.add_free_dimension_override_by_name(name, size)
