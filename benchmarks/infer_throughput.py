@@ -389,8 +389,8 @@ def session_pairs(model_path: Path, tile: Path, rounds: int) -> dict[str, float]
     which changes how the others run next to it."""
     import onnxruntime
 
-    from dlwatchd.engine.inference import session_options
     from dlwatchd.engine.io import read_image
+    from dlwatchd.engine.loading import session_options
     from dlwatchd.engine.normalization import NormalizationConfig, Normalizer
 
     image = Normalizer(NormalizationConfig.from_dict(NORMALIZATION)).apply(read_image(tile))[0]

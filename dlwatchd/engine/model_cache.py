@@ -8,7 +8,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from dlwatchd.engine.inference import CACHE_FILES, LoadedModel, load_model
+from dlwatchd.engine.loading import CACHE_FILES, LoadedModel, load_model
 from dlwatchd.errors import DlwatchdError, ErrorCode
 
 

@@ -90,7 +90,7 @@ def _compare(fp32: Path, int8: Path, input_name: str, tiles: list[np.ndarray]) -
     """(argmax agreement, max |p_fp32 - p_int8|) of the two graphs' softmax outputs on `tiles`."""
     import onnxruntime
 
-    from dlwatchd.engine.inference import softmax  # imported here: inference imports this module
+    from dlwatchd.engine.inference import softmax  # imported here: inference imports loading, which imports this module
 
     sessions = [onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32, int8)]
     same = total = 0

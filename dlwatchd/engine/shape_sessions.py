@@ -104,7 +104,7 @@ class ShapeSessions:
             return list(self._ready)
 
     def wait(self, timeout: float | None = None) -> None:
-        """Wait for a build in progress (for tests and benchmarks that want a settled state)."""
+        """Wait for a build in progress (for tests that want a settled state)."""
         pending = self._pending
         if pending is not None:
             pending[1].exception(timeout)

@@ -29,7 +29,7 @@ from dlwatchd.spool.paths import resolve_read_path, resolve_write_dir
 # the runtime less than two (measured on 2 cores: 376 against 425 ms per 512 px tile).
 _DECODE_THREADS = max(1, min(2, (os.cpu_count() or 2) // 2))
 _DECODE_AHEAD = 8  # tiles decoded ahead of the forward passes: enough to hide decoding, bounded in memory
-# Every file of a model folder a runtime may open (inference.CACHE_FILES, kept torch-free here).
+# Every file of a model folder a runtime may open (loading.CACHE_FILES, kept torch-free here).
 _MODEL_FILES = ("model.onnx", "model.pt", "metadata.json", "preprocessing.json", "model.int8.onnx")
 _DISK_MARGIN = 64 * 2**20
 

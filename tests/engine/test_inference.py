@@ -13,13 +13,8 @@ import pytest
 import torch
 
 from dlwatchd.artifacts.metadata import build_metadata, build_preprocessing, read_model_info
-from dlwatchd.engine.inference import (
-    LoadedModel,
-    class_averages,
-    load_model,
-    predict_probabilities,
-    resolve_normalization,
-)
+from dlwatchd.engine.inference import class_averages, predict_probabilities, resolve_normalization
+from dlwatchd.engine.loading import LoadedModel, load_model
 from dlwatchd.engine.model_cache import ModelCache
 from dlwatchd.engine.models import create_model
 from dlwatchd.engine.onnx_export import export_onnx
@@ -412,13 +407,13 @@ def test_bad_options_are_schema_errors(torch_model: LoadedModel) -> None:
 def test_a_gpu_that_onnxruntime_cannot_use_sends_the_model_to_pytorch(monkeypatch: pytest.MonkeyPatch) -> None:
     import onnxruntime
 
-    from dlwatchd.engine import inference
+    from dlwatchd.engine import loading
 
-    monkeypatch.setattr(inference, "detect_device_type", lambda: "cuda")
+    monkeypatch.setattr(loading, "detect_device_type", lambda: "cuda")
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    assert inference._onnx_lacks_gpu(True)
-    assert not inference._onnx_lacks_gpu(False)  # use_gpu false: the CPU build of onnxruntime is the right choice
+    assert loading._onnx_lacks_gpu(True)
+    assert not loading._onnx_lacks_gpu(False)  # use_gpu false: the CPU build of onnxruntime is the right choice
     monkeypatch.setattr(
         onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
-    assert not inference._onnx_lacks_gpu(True)
+    assert not loading._onnx_lacks_gpu(True)

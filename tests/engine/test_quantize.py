@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dlwatchd.engine import quantize
-from dlwatchd.engine.inference import load_model, predict_probabilities
+from dlwatchd.engine.inference import predict_probabilities
+from dlwatchd.engine.loading import load_model
 from dlwatchd.engine.models import create_model
 from dlwatchd.engine.onnx_export import export_onnx
 from dlwatchd.engine.quantize import INT8_NAME, quantize_onnx

@@ -15,7 +15,7 @@ import pytest
 from test_inference import make_model_folder
 
 from dlwatchd.engine import shape_sessions
-from dlwatchd.engine.inference import LoadedModel, load_model, session_options
+from dlwatchd.engine.loading import LoadedModel, load_model, session_options
 from dlwatchd.engine.shape_sessions import AGE_EVERY, LIMIT, SIGHTINGS, ShapeSessions, dimension_overrides
 
 DIMS = ["batch", 3, "height", "width"]
