@@ -11,6 +11,7 @@ Torch- and numpy-free: the supervisor validates paths at intake with these funct
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -145,10 +146,14 @@ def _open_component(shown: Path, name: str, flags: int, dir_fd: int | None, *, f
     except PermissionError:
         raise DlwatchdError(ErrorCode.PERMISSION, f"The daemon may not read the {what} {shown}.") from None
     except OSError as exc:
-        try:
-            is_link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-        except OSError:
-            is_link = False
+        # With O_NOFOLLOW, ELOOP means the component was a link when it was opened, even if it has been swapped
+        # back by the time anyone looks again; other errors get that second look.
+        is_link = exc.errno == errno.ELOOP
+        if not is_link:
+            try:
+                is_link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+            except OSError:
+                is_link = False
         if is_link:
             raise DlwatchdError(
                 ErrorCode.PATH_NOT_ALLOWED,

@@ -159,6 +159,34 @@ def test_open_regular_file_refuses_a_symlink(root: Path) -> None:
     assert "b.png" in info.value.message
 
 
+def test_a_file_link_swapped_back_right_after_the_open_still_counts_as_a_link(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the swap test in tests/e2e hit now and then: open() meets the link (ELOOP), the real file is back
+    before anyone looks again; it is still a link on the way, not an unreadable file."""
+    real = root / "data" / "a.png"
+    parked = real.with_name(real.name + ".parked")
+    real.rename(parked)
+    real.symlink_to(parked)
+    opened = os.open
+
+    def open_then_swap_back(name: str, flags: int, *args: object, **kwargs: object) -> int:
+        try:
+            return opened(name, flags, *args, **kwargs)  # type: ignore[arg-type]
+        except OSError:
+            if real.is_symlink():
+                real.unlink()
+                parked.rename(real)
+            raise
+
+    monkeypatch.setattr(os, "open", open_then_swap_back)
+    monkeypatch.setattr(os, "supports_dir_fd", os.supports_dir_fd | {open_then_swap_back})
+    with pytest.raises(DlwatchdError) as info:
+        open_regular_file(root / "data" / "a.png")
+    assert info.value.code == ErrorCode.PATH_NOT_ALLOWED, info.value
+    assert not real.is_symlink(), "the link was swapped back, as in the race"
+
+
 def test_open_regular_file_refuses_non_files(root: Path) -> None:
     with pytest.raises(DlwatchdError) as info:
         open_regular_file(root / "data")
